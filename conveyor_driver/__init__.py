@@ -1,0 +1,30 @@
+"""conveyor-driver: write Conveyor CI drivers as decorated Python functions.
+
+from conveyor_driver import Driver, Context, Result
+
+driver = Driver("command-runner")
+
+@driver.on("pipeline")
+async def build(ctx: Context) -> Result:
+    ctx.log.info("cloning", repo=ctx.resource.spec["repo"])
+    return Result.ok("built")
+"""
+
+from .app import Driver
+from .context import Context
+from .errors import ConfigurationError, ConveyorDriverError
+from .models import Resource
+from .outcomes import Fail, Result, Retry
+from .settings import Settings
+
+__all__ = [
+    "ConfigurationError",
+    "Context",
+    "ConveyorDriverError",
+    "Driver",
+    "Fail",
+    "Resource",
+    "Result",
+    "Retry",
+    "Settings",
+]

@@ -1,0 +1,191 @@
+"""The Driver: a registry of reconcile handlers, lifecycle hooks, and the way to run them."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import attrs
+
+from . import protocol
+from .errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from .context import Context
+    from .settings import Settings
+
+Handler = Callable[["Context"], Any]
+Hook = Callable[[], Any]
+H = TypeVar("H", bound=Handler)
+K = TypeVar("K", bound=Hook)
+
+
+@attrs.frozen
+class Route:
+    """One registered handler and what it answers to (``events=None``: every event)."""
+
+    handler: Handler
+    resource_types: tuple[str, ...]
+    events: frozenset[str] | None
+
+    @property
+    def name(self) -> str:
+        return getattr(self.handler, "__qualname__", repr(self.handler))
+
+    @property
+    def is_async(self) -> bool:
+        return inspect.iscoroutinefunction(self.handler)
+
+    def matches(self, resource_type: str, event: str) -> bool:
+        return resource_type in self.resource_types and (
+            self.events is None or event in self.events
+        )
+
+    def overlaps(self, other: Route) -> bool:
+        if not set(self.resource_types) & set(other.resource_types):
+            return False
+        if self.events is None or other.events is None:
+            return True
+        return bool(self.events & other.events)
+
+
+class Driver:
+    """A Conveyor driver: name it, register handlers with :meth:`on`, then :meth:`run`.
+
+    ``concurrency`` is how many handlers run at once in one process (and how many messages
+    it holds). ``max_attempts`` bounds retries: the last failed attempt publishes a failure
+    result. ``ack_wait`` is how long JetStream waits for news of a delivery before it
+    hands the message to another instance; the runtime keeps long runs alive inside it.
+    ``grace_period`` is how long a shutdown lets running handlers finish.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        concurrency: int = 1,
+        max_attempts: int = 3,
+        ack_wait: float = 30.0,
+        grace_period: float = 30.0,
+    ) -> None:
+        if not isinstance(name, str) or not protocol.is_subject_token(name):
+            raise ConfigurationError(
+                f"driver name {name!r} is not usable: it must be non-empty, without "
+                "whitespace, '.', '*' or '>' (it becomes a NATS subject token)"
+            )
+        for label, value in (("concurrency", concurrency), ("max_attempts", max_attempts)):
+            if not isinstance(value, int) or value < 1:
+                raise ConfigurationError(f"Driver {label} must be at least 1, not {value!r}")
+        if ack_wait <= 0:
+            raise ConfigurationError(f"Driver ack_wait must be positive, not {ack_wait!r}")
+        if grace_period < 0:
+            raise ConfigurationError(f"Driver grace_period must be >= 0, not {grace_period!r}")
+        self.name = name
+        self.concurrency = concurrency
+        self.max_attempts = max_attempts
+        self.ack_wait = float(ack_wait)
+        self.grace_period = float(grace_period)
+        self._routes: list[Route] = []
+        self.startup_hooks: list[Hook] = []
+        self.shutdown_hooks: list[Hook] = []
+
+    def __repr__(self) -> str:
+        return f"<Driver {self.name!r} routes={len(self._routes)}>"
+
+    def on(self, *resource_types: str, events: Iterable[str] | None = None) -> Callable[[H], H]:
+        """Register the decorated function for these resource types (and events)."""
+        if not resource_types:
+            raise ConfigurationError("@driver.on() needs at least one resource type")
+        for resource_type in resource_types:
+            if not isinstance(resource_type, str) or not protocol.is_subject_token(resource_type):
+                raise ConfigurationError(
+                    f"resource type {resource_type!r} is not usable: it must be non-empty, "
+                    "without whitespace, '.', '*' or '>'"
+                )
+        event_set: frozenset[str] | None = None
+        if events is not None:
+            event_set = frozenset([events] if isinstance(events, str) else events)
+            if not event_set or not all(isinstance(e, str) and e for e in event_set):
+                raise ConfigurationError("events must be a non-empty list of event names")
+
+        def register(handler: H) -> H:
+            if not callable(handler):
+                raise ConfigurationError(f"@driver.on() decorates a function, not {handler!r}")
+            route = Route(handler, tuple(dict.fromkeys(resource_types)), event_set)
+            for existing in self._routes:
+                if route.overlaps(existing):
+                    raise ConfigurationError(
+                        f"handler {route.name} clashes with {existing.name}: both would "
+                        f"handle {_describe_overlap(route, existing)}"
+                    )
+            self._routes.append(route)
+            return handler
+
+        return register
+
+    def on_startup(self, hook: K) -> K:
+        """Run ``hook`` (sync or async) once connected, before the first message."""
+        self.startup_hooks.append(hook)
+        return hook
+
+    def on_shutdown(self, hook: K) -> K:
+        """Run ``hook`` (sync or async) after the last handler finished."""
+        self.shutdown_hooks.append(hook)
+        return hook
+
+    @property
+    def routes(self) -> tuple[Route, ...]:
+        return tuple(self._routes)
+
+    @property
+    def resource_types(self) -> list[str]:
+        return sorted({t for route in self._routes for t in route.resource_types})
+
+    @property
+    def subjects(self) -> list[str]:
+        """The filter subjects of this driver's consumer."""
+        return protocol.filter_subjects(self.name, self.resource_types)
+
+    def route_for(self, resource_type: str, event: str) -> Route | None:
+        for route in self._routes:
+            if route.matches(resource_type, event):
+                return route
+        return None
+
+    def check(self) -> None:
+        """Refuse to start a driver that could never handle anything."""
+        if not self._routes:
+            raise ConfigurationError(
+                f"driver {self.name!r} has no handler: register one with @driver.on(...)"
+            )
+
+    async def serve(self, settings: Settings | None = None) -> None:
+        """Consume until cancelled or until SIGINT/SIGTERM, inside a running event loop."""
+        from .runtime.server import serve
+
+        await serve(self, settings)
+
+    def run(self, settings: Settings | None = None) -> None:
+        """Serve until SIGINT/SIGTERM; settings default to the CONVEYOR_* environment."""
+        from .settings import Settings
+
+        asyncio.run(self.serve(settings or Settings.from_env()))
+
+
+def _describe_overlap(a: Route, b: Route) -> str:
+    types = sorted(set(a.resource_types) & set(b.resource_types))
+    if a.events is None or b.events is None:
+        events = (a.events or b.events) or frozenset()
+        what = "every event" if not events else f"event {', '.join(sorted(events))}"
+    else:
+        what = f"event {', '.join(sorted(a.events & b.events))}"
+    return f"{what} of resource type {', '.join(types)}"
+
+
+async def call_hook(hook: Hook) -> None:
+    """Run a lifecycle hook whether it is a coroutine function or a plain one."""
+    outcome = hook()
+    if isinstance(outcome, Awaitable):
+        await outcome

@@ -1,0 +1,231 @@
+"""The ``conveyor-driver`` command: run a driver, emit a test event, list routes.
+
+Every option can also be set with a ``CONVEYOR_<OPTION>`` environment variable. Mistakes a
+user can make (a bad app path, an unreachable NATS, a missing stream) print one line and
+exit 1; ``--log-level debug`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import traceback
+from collections.abc import Callable, Coroutine
+from functools import wraps
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import orjson
+
+from . import protocol
+from .errors import ConveyorDriverError
+from .loader import load_driver
+from .models import converter, resource_from_json
+from .settings import DEFAULT_API_URL, DEFAULT_NATS_URL, LOG_FORMATS, LOG_LEVELS, Settings
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_nats_url = click.option(
+    "--nats-url",
+    envvar="CONVEYOR_NATS_URL",
+    default=DEFAULT_NATS_URL,
+    show_default=True,
+    help="NATS server URL(s), comma-separated.",
+)
+
+
+def _friendly_errors(command: F) -> F:
+    """Turn user errors into one line on stderr and exit status 1."""
+
+    @wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = kwargs.get("log_level") == "debug"
+        try:
+            return command(*args, **kwargs)
+        except ConveyorDriverError as exc:
+            if debug:
+                traceback.print_exc()
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            sys.exit(130)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _run_async(coroutine: Coroutine[Any, Any, Any]) -> Any:
+    return asyncio.run(coroutine)
+
+
+@click.group()
+@click.version_option(package_name="conveyor-driver")
+def main() -> None:
+    """Write and run Conveyor CI drivers in Python."""
+
+
+@main.command()
+@click.argument("app", envvar="CONVEYOR_APP")
+@_nats_url
+@click.option(
+    "--api-url",
+    envvar="CONVEYOR_API_URL",
+    default=DEFAULT_API_URL,
+    show_default=True,
+    help="Conveyor API server URL.",
+)
+@click.option(
+    "--concurrency",
+    envvar="CONVEYOR_CONCURRENCY",
+    type=click.IntRange(min=1),
+    help="Handlers running at once (default: the Driver's).",
+)
+@click.option(
+    "--log-level",
+    envvar="CONVEYOR_LOG_LEVEL",
+    type=click.Choice(LOG_LEVELS, case_sensitive=False),
+    default="info",
+    show_default=True,
+)
+@click.option(
+    "--log-format",
+    envvar="CONVEYOR_LOG_FORMAT",
+    type=click.Choice(LOG_FORMATS, case_sensitive=False),
+    default="auto",
+    show_default=True,
+    help="console (pretty), json (one object a line), auto (console on a terminal).",
+)
+@click.option(
+    "--embedded",
+    envvar="CONVEYOR_EMBEDDED",
+    is_flag=True,
+    help="Start a local nats-server with the Conveyor streams and use it.",
+)
+@click.option("--embedded-port", envvar="CONVEYOR_EMBEDDED_PORT", type=int, default=None)
+@click.option(
+    "--embedded-dir",
+    envvar="CONVEYOR_EMBEDDED_DIR",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="JetStream storage of the embedded server (default: a temporary directory).",
+)
+@_friendly_errors
+def run(
+    app: str,
+    nats_url: str,
+    api_url: str,
+    concurrency: int | None,
+    log_level: str,
+    log_format: str,
+    embedded: bool,
+    embedded_port: int | None,
+    embedded_dir: Path | None,
+) -> None:
+    """Serve the driver APP (module:attr or path/to/file.py:attr) until SIGINT/SIGTERM."""
+    driver = load_driver(app)
+    settings = Settings(
+        nats_urls=nats_url,
+        api_url=api_url,
+        concurrency=concurrency,
+        log_level=log_level.lower(),
+        log_format=log_format.lower(),
+        embedded=embedded,
+        embedded_port=embedded_port,
+        embedded_dir=embedded_dir,
+    )
+    _run_async(driver.serve(settings))
+
+
+@main.command()
+@click.argument("app", envvar="CONVEYOR_APP")
+@_friendly_errors
+def routes(app: str) -> None:
+    """List APP's handlers, what they answer to, and the subjects its consumer reads."""
+    driver = load_driver(app)
+    click.echo(
+        f"driver {driver.name} (consumer {driver.name!r} on stream {protocol.MESSAGES_STREAM!r})"
+    )
+    if not driver.routes:
+        click.echo("  no handlers registered")
+    for route in driver.routes:
+        events = ", ".join(sorted(route.events)) if route.events else "*"
+        click.echo(
+            f"  {route.name}: resource types {', '.join(route.resource_types)}; events {events}"
+        )
+        for subject in protocol.filter_subjects(driver.name, route.resource_types):
+            click.echo(f"    {subject}")
+
+
+@main.command()
+@click.argument("resource_type")
+@click.argument("name")
+@click.option("--spec", default="{}", show_default=True, help="The resource spec as JSON.")
+@click.option("--event", default="create", show_default=True)
+@click.option("--driver", help="Address a pipeline step to this driver.")
+@click.option("--pipeline", default="", help="The pipeline the resource belongs to.")
+@click.option("--wait", is_flag=True, help="Print the result event of this run.")
+@click.option("--timeout", default=60.0, show_default=True, help="Seconds --wait waits.")
+@_nats_url
+@_friendly_errors
+def emit(
+    resource_type: str,
+    name: str,
+    spec: str,
+    event: str,
+    driver: str | None,
+    pipeline: str,
+    wait: bool,
+    timeout: float,
+    nats_url: str,
+) -> None:
+    """Publish a RESOURCE_TYPE event for NAME exactly as the Conveyor server would."""
+    try:
+        spec_value = orjson.loads(spec)
+    except orjson.JSONDecodeError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="--spec") from None
+    for label, token in (("resource type", resource_type), ("driver", driver or "x")):
+        if not protocol.is_subject_token(token):
+            raise click.BadParameter(f"{label} {token!r} is not a NATS subject token")
+    resource = resource_from_json(
+        {"name": name, "resource": resource_type, "pipeline": pipeline, "spec": spec_value}
+    )
+    _run_async(_emit(nats_url, resource, event, driver, wait, timeout))
+
+
+async def _emit(
+    nats_url: str,
+    resource: Any,
+    event: str,
+    driver: str | None,
+    wait: bool,
+    timeout: float,
+) -> None:
+    from .emit import emit_event, watch_results
+    from .logs.chain import build_logger
+    from .runtime.connection import connect
+
+    log = build_logger(level="warning")
+    nc = await connect(nats_url.split(","), name="conveyor-driver:emit", log=log)
+    try:
+        async with watch_results(nc) as watch:
+            message = await emit_event(nc, resource, event=event, driver=driver)
+            click.echo(
+                f"emitted {event} {resource.type}/{resource.name} run_id={message.run_id}", err=True
+            )
+            if not wait:
+                return
+            try:
+                result = await watch.wait(message.run_id, timeout)
+            except TimeoutError:
+                raise _NoResult(f"no result for run {message.run_id} within {timeout:g}s") from None
+            click.echo(
+                orjson.dumps(converter.unstructure(result), option=orjson.OPT_INDENT_2).decode()
+            )
+            if not result.driverresult.success:
+                sys.exit(2)
+    finally:
+        await nc.close()
+
+
+class _NoResult(ConveyorDriverError):
+    pass

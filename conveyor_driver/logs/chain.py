@@ -1,0 +1,86 @@
+"""The structlog processor chain every driver log line goes through.
+
+    add level → timestamp → format exception → sinks (NATS, later Loki) → console renderer
+
+Sinks are plain processors that copy what they need and hand it to a background task, so
+a log call on the handler's path costs one dict walk and a queue append, never I/O. The
+chain is built per driver process and handed to handlers through ``ctx.log``: nothing
+here touches structlog's global configuration.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any, TextIO
+
+import structlog
+from structlog.typing import FilteringBoundLogger, Processor
+
+#: Keys the runtime binds on every run logger. Sinks that carry them in fields of their own
+#: (the NATS Log entry, Loki labels) leave them out of the rendered message.
+RUN_KEYS = frozenset(
+    {"driver", "run_id", "pipeline", "event_name", "resource_type", "resource_name"}
+)
+
+
+def build_logger(
+    *,
+    level: str = "info",
+    fmt: str = "auto",
+    sinks: Sequence[Processor] = (),
+    stream: TextIO | None = None,
+) -> FilteringBoundLogger:
+    """A bound logger writing to ``stream`` (stderr) and handing run lines to ``sinks``.
+
+    ``fmt`` is ``console`` (coloured, for people), ``json`` (one object a line, for log
+    collectors) or ``auto``: console on a terminal, JSON otherwise.
+    """
+    output = stream if stream is not None else sys.stderr
+    if fmt == "auto":
+        fmt = "console" if output.isatty() else "json"
+    renderer: Processor
+    if fmt == "console":
+        renderer = structlog.dev.ConsoleRenderer(colors=output.isatty())
+    else:
+        renderer = structlog.processors.JSONRenderer(serializer=_json_dumps)
+    processors: list[Processor] = [
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+        *sinks,
+        renderer,
+    ]
+    logger: FilteringBoundLogger = structlog.wrap_logger(
+        structlog.PrintLogger(output),
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(_level_number(level)),
+        cache_logger_on_first_use=True,
+    )
+    return logger
+
+
+def render_message(event_dict: Mapping[str, Any]) -> str:
+    """The event text followed by its own ``key=value`` pairs (the run's keys left out)."""
+    parts = [str(event_dict.get("event", ""))]
+    level = event_dict.get("level")
+    if level not in (None, "info"):
+        parts.append(f"level={level}")
+    for key, value in event_dict.items():
+        if key in RUN_KEYS or key in ("event", "level", "timestamp", "exception"):
+            continue
+        parts.append(f"{key}={value}")
+    text = " ".join(parts)
+    exception = event_dict.get("exception")
+    return f"{text}\n{exception}" if exception else text
+
+
+def _level_number(level: str) -> int:
+    return logging.getLevelNamesMapping()[level.upper()]
+
+
+def _json_dumps(value: object, **_: object) -> str:
+    import orjson
+
+    return orjson.dumps(value, default=str).decode()

@@ -1,0 +1,184 @@
+"""The JSON shapes Conveyor sends and expects, and the one converter that maps them.
+
+The server is written in Go; these classes mirror ``pkg/types`` of open-ug/conveyor. Field
+names follow Python (``Resource.type``) and the converter renames them on the wire
+(``"resource"``), so no other module needs to know a JSON key.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import orjson
+from cattrs import ClassValidationError
+from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
+from cattrs.preconf.orjson import make_converter
+
+from . import protocol
+
+
+@attrs.frozen
+class Resource:
+    """A Conveyor resource: what a handler reconciles.
+
+    ``spec`` is whatever JSON the resource definition's schema allows, so it stays ``Any``.
+    """
+
+    name: str = ""
+    type: str = ""
+    id: str = ""
+    pipeline: str = ""
+    metadata: dict[str, str] = attrs.field(factory=dict)
+    spec: Any = None
+
+
+@attrs.frozen
+class DriverMessage:
+    """The body of every event a driver consumes (``types.DriverMessage``)."""
+
+    event: str
+    payload: Resource
+    run_id: str
+    id: str = ""
+
+
+@attrs.frozen
+class DriverResult:
+    success: bool
+    message: str
+    data: Any
+    driver: str
+
+
+@attrs.frozen
+class PipelineEvent:
+    """What a driver publishes on the result subject when a handler has finished."""
+
+    run_id: str
+    resource: Resource
+    driverresult: DriverResult
+    event: str = protocol.RESULT_EVENT
+
+
+@attrs.frozen
+class LogEntry:
+    """One log line of a run as the server stores it (``types.Log``): note ``runid``."""
+
+    runid: str
+    driver: str
+    pipeline: str
+    timestamp: str
+    message: str
+
+
+class DecodeError(ValueError):
+    """A message body that is not a DriverMessage the server could have sent."""
+
+
+converter = make_converter()
+converter.register_structure_hook(
+    Resource,
+    make_dict_structure_fn(Resource, converter, type=override(rename="resource")),
+)
+converter.register_unstructure_hook(
+    Resource,
+    make_dict_unstructure_fn(
+        Resource,
+        converter,
+        type=override(rename="resource"),
+        pipeline=override(omit_if_default=True),
+    ),
+)
+
+
+def _structure_resource(value: Any) -> Resource:
+    if isinstance(value, str | bytes):
+        value = orjson.loads(value)
+    if not isinstance(value, dict):
+        raise DecodeError(f"payload is a JSON {type(value).__name__}, not a resource object")
+    if value.get("metadata", {}) is None:  # Go encodes a nil map as null
+        value = {key: item for key, item in value.items() if key != "metadata"}
+    return converter.structure(value, Resource)
+
+
+def resource_from_json(value: Any) -> Resource:
+    """A Resource from the server's JSON: an object, or an object encoded into a string."""
+    try:
+        return _structure_resource(value)
+    except DecodeError:
+        raise
+    except (orjson.JSONDecodeError, ClassValidationError, TypeError, ValueError) as exc:
+        raise DecodeError(f"payload is not a resource: {_reason(exc)}") from exc
+
+
+def decode_driver_message(data: bytes, subject: str) -> DriverMessage:
+    """Decode and check a message body; raise DecodeError with a one-line reason.
+
+    The Go server sends ``payload`` as a JSON *string* holding the Resource, while the
+    design document shows an object: both are accepted. A resource without a type takes it
+    from the subject, which names it.
+    """
+    try:
+        body = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise DecodeError(f"body is not JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise DecodeError(f"body is a JSON {type(body).__name__}, not an object")
+    event = body.get("event")
+    if not isinstance(event, str) or not event:
+        raise DecodeError("'event' is missing or not a string")
+    run_id = body.get("run_id")
+    if not isinstance(run_id, str) or not protocol.is_subject_token(run_id):
+        raise DecodeError("'run_id' is missing or not a usable id")
+    if body.get("payload") is None:
+        raise DecodeError("'payload' is missing")
+    resource = resource_from_json(body["payload"])
+    if not resource.type:
+        resource = attrs.evolve(resource, type=protocol.resource_type_from_subject(subject) or "")
+    message_id = body.get("id")
+    return DriverMessage(
+        event=event,
+        payload=resource,
+        run_id=run_id,
+        id=message_id if isinstance(message_id, str) else "",
+    )
+
+
+def encode_driver_message(message: DriverMessage, *, payload_as_string: bool = True) -> bytes:
+    """Encode a DriverMessage the way the Go server does (payload as a JSON string)."""
+    resource = converter.unstructure(message.payload)
+    payload: Any = orjson.dumps(resource).decode() if payload_as_string else resource
+    return orjson.dumps(
+        {"event": message.event, "payload": payload, "id": message.id, "run_id": message.run_id}
+    )
+
+
+def encode(value: Any) -> bytes:
+    """Any wire model (or plain JSON value) as JSON bytes."""
+    return orjson.dumps(converter.unstructure(value))
+
+
+def decode_pipeline_event(data: bytes) -> PipelineEvent:
+    """Read a result event back (for ``emit --wait`` and tests)."""
+    try:
+        return converter.structure(orjson.loads(data), PipelineEvent)
+    except (orjson.JSONDecodeError, ClassValidationError, TypeError, ValueError) as exc:
+        raise DecodeError(f"not a result event: {_reason(exc)}") from exc
+
+
+def is_json_value(value: Any) -> bool:
+    """Whether ``value`` survives the trip to JSON (a result's ``data`` must)."""
+    try:
+        orjson.dumps(value)
+    except TypeError:
+        return False
+    return True
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, ClassValidationError):
+        from cattrs import transform_error
+
+        return "; ".join(transform_error(exc))
+    return str(exc) or type(exc).__name__

@@ -1,0 +1,134 @@
+"""What a handler's return value or exception means for the message and the pipeline.
+
+The semantics follow kopf: a :class:`Fail` is permanent (report it, never retry), a
+:class:`Retry` is temporary (try again later, report nothing yet), and any other exception
+is treated as temporary until the driver's ``max_attempts`` is spent, so that no build
+retries forever and none is silently dropped.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import attrs
+
+from .models import is_json_value
+
+BACKOFF_BASE = 1.0
+BACKOFF_CAP = 300.0
+
+
+@attrs.frozen
+class Result:
+    """The outcome a handler reports; published to the server as the ``driverresult``."""
+
+    success: bool
+    message: str = ""
+    data: Any = None
+
+    @classmethod
+    def ok(cls, message: str = "", data: Any = None) -> Result:
+        return cls(True, message, data)
+
+    @classmethod
+    def fail(cls, message: str, data: Any = None) -> Result:
+        return cls(False, message, data)
+
+
+class Fail(Exception):
+    """Raise to report a permanent failure: the result is published and nothing retries."""
+
+    def __init__(self, message: str, data: Any = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.data = data
+
+
+class Retry(Exception):
+    """Raise when the work cannot be done *yet*: the message comes back after ``delay``.
+
+    Without a delay the driver's exponential backoff applies. Retries count towards
+    ``max_attempts`` like errors do.
+    """
+
+    def __init__(self, message: str = "", delay: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.delay = delay
+
+
+class Action(enum.Enum):
+    """How a message is settled with JetStream."""
+
+    ACK = "ack"
+    NAK = "nak"
+    TERM = "term"
+
+
+class Kind(enum.Enum):
+    """Why a message was settled the way it was (for logs, tests and metrics)."""
+
+    SUCCESS = "success"
+    FAILURE = "failure"
+    RETRY = "retry"
+    GAVE_UP = "gave_up"
+    UNDECODABLE = "undecodable"
+    UNROUTED = "unrouted"
+    SHUTDOWN = "shutdown"
+
+
+@attrs.frozen
+class Outcome:
+    """The decision for one delivery: a result to publish (or none), then an action."""
+
+    kind: Kind
+    action: Action
+    result: Result | None = None
+    delay: float | None = None
+
+
+def backoff(attempt: int) -> float:
+    """Seconds before delivery ``attempt + 1``: 1 s, 2 s, 4 s ... capped."""
+    return float(min(BACKOFF_BASE * 2 ** max(attempt - 1, 0), BACKOFF_CAP))
+
+
+def from_return(value: Any) -> Outcome:
+    """A handler returned: ``Result`` as is, ``None`` as success, other JSON as data."""
+    if isinstance(value, Result):
+        result = value
+    elif value is None:
+        result = Result.ok()
+    else:
+        result = Result.ok(data=value)
+    if not is_json_value(result.data):
+        result = Result.fail(
+            f"handler returned data that is not JSON: {type(result.data).__name__}"
+        )
+    kind = Kind.SUCCESS if result.success else Kind.FAILURE
+    return Outcome(kind, Action.ACK, result)
+
+
+def from_exception(exc: BaseException, attempt: int, max_attempts: int) -> Outcome:
+    """A handler raised: map it to an outcome, giving up on the last attempt."""
+    if isinstance(exc, Fail):
+        data = exc.data if is_json_value(exc.data) else None
+        return Outcome(Kind.FAILURE, Action.ACK, Result.fail(exc.message, data))
+    if attempt >= max_attempts:
+        return gave_up(attempt, describe(exc))
+    if isinstance(exc, Retry):
+        delay = exc.delay if exc.delay is not None else backoff(attempt)
+        return Outcome(Kind.RETRY, Action.NAK, delay=max(delay, 0.0))
+    return Outcome(Kind.RETRY, Action.NAK, delay=backoff(attempt))
+
+
+def gave_up(attempt: int, reason: str) -> Outcome:
+    """The last attempt is spent: report the failure and end redelivery."""
+    message = f"gave up after {attempt} attempt{'s' if attempt != 1 else ''}: {reason}"
+    return Outcome(Kind.GAVE_UP, Action.TERM, Result.fail(message))
+
+
+def describe(exc: BaseException) -> str:
+    """``ValueError: bad spec``, or ``Retry: not ready`` for our own exceptions."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

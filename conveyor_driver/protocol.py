@@ -1,0 +1,135 @@
+"""The Conveyor wire protocol: stream names, subjects and consumer settings.
+
+This is the only module that spells a subject or a stream name. It follows the server
+(open-ug/conveyor, ``internal/utils/nats.go`` and ``internal/engine``), not the official
+runtimes, wherever the two disagree: see ``shared/conveyor/PROTOCOL.md``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    RetentionPolicy,
+    StreamConfig,
+)
+
+MESSAGES_STREAM = "messages"
+PIPELINE_STREAM = "pipeline-engine"
+LOGS_STREAM = "logs-engine"
+
+RESULT_SUBJECT = "pipelines.driver.result"
+RESULT_EVENT = "driver.result"
+
+#: JetStream de-duplicates on this header within the stream's window, so re-publishing the
+#: result of the same delivery (after a lost ack or a publish retry) is stored only once.
+MSG_ID_HEADER = "Nats-Msg-Id"
+
+_TOKEN = re.compile(r"^[^\s.*>]+$")
+
+
+def is_subject_token(value: str) -> bool:
+    """A single NATS subject token: non-empty, no whitespace, no ``.``, ``*`` or ``>``."""
+    return bool(_TOKEN.match(value))
+
+
+def resource_subject(resource_type: str) -> str:
+    """Where the server announces a resource created outside a pipeline."""
+    return f"resources.{resource_type}"
+
+
+def driver_resource_subject(driver: str, resource_type: str) -> str:
+    """Where the pipeline engine addresses a step to one driver."""
+    return f"drivers.{driver}.resources.{resource_type}"
+
+
+def filter_subjects(driver: str, resource_types: Iterable[str]) -> list[str]:
+    """Both subjects for every handled type, in a stable order."""
+    subjects: list[str] = []
+    for resource_type in sorted(set(resource_types)):
+        subjects.append(resource_subject(resource_type))
+        subjects.append(driver_resource_subject(driver, resource_type))
+    return subjects
+
+
+def resource_type_from_subject(subject: str) -> str | None:
+    """The resource type a subject names, or None when it is not a driver subject."""
+    tokens = subject.split(".")
+    if len(tokens) == 2 and tokens[0] == "resources":
+        return tokens[1]
+    if len(tokens) == 4 and tokens[0] == "drivers" and tokens[2] == "resources":
+        return tokens[3]
+    return None
+
+
+def log_subject(run_id: str) -> str:
+    """JetStream subject the server's ``logs-engine`` consumer stores."""
+    return f"logs.{run_id}"
+
+
+def live_log_subject(run_id: str, driver: str) -> str:
+    """Core NATS subject the server relays as Server-Sent Events."""
+    return f"live.logs.{run_id}.{driver}"
+
+
+def result_message_id(driver: str, stream_sequence: int) -> str:
+    """The de-duplication id of the one result a delivered message may produce."""
+    return f"{driver}:{MESSAGES_STREAM}:{stream_sequence}"
+
+
+def consumer_config(driver: str, resource_types: Iterable[str], ack_wait: float) -> ConsumerConfig:
+    """The durable pull consumer of PROTOCOL.md section 2.
+
+    No ``max_ack_pending`` of 1 (the Go runtime's choice): each instance limits itself by
+    pulling only for free handler slots, so instances share the work instead of taking turns.
+    No inactive threshold: the consumer must outlive the process, because the ``messages``
+    stream has interest retention and drops what no consumer is interested in.
+    """
+    return ConsumerConfig(
+        name=driver,
+        durable_name=driver,
+        description=f"conveyor-driver {driver}",
+        filter_subjects=filter_subjects(driver, resource_types),
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=ack_wait,
+    )
+
+
+def server_streams() -> list[StreamConfig]:
+    """The three streams the Conveyor server creates at start (PROTOCOL.md section 1)."""
+    return [
+        StreamConfig(
+            name=MESSAGES_STREAM,
+            subjects=["resources.>", "events.>", "drivers.>"],
+            retention=RetentionPolicy.INTEREST,
+        ),
+        StreamConfig(
+            name=PIPELINE_STREAM,
+            subjects=["pipelines.>"],
+            retention=RetentionPolicy.WORK_QUEUE,
+        ),
+        StreamConfig(
+            name=LOGS_STREAM,
+            subjects=["logs.>"],
+            retention=RetentionPolicy.WORK_QUEUE,
+        ),
+    ]
+
+
+#: The pull request protocol of a JetStream consumer ($JS.API.CONSUMER.MSG.NEXT).
+def pull_request_subject(stream: str, consumer: str) -> str:
+    return f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+
+
+STATUS_HEADER = "Status"
+DESCRIPTION_HEADER = "Description"
+PENDING_MESSAGES_HEADER = "Nats-Pending-Messages"
+STATUS_IDLE_HEARTBEAT = "100"
+STATUS_NO_MESSAGES = "404"
+STATUS_REQUEST_TIMEOUT = "408"
+STATUS_CONFLICT = "409"

@@ -1,0 +1,299 @@
+"""The pull loop: fetch only for free handler slots, keep long runs alive, settle each one.
+
+Flow control is by pulling. An instance asks JetStream for at most as many messages as it
+has free slots, so it never holds a message it cannot start: several processes of one
+driver share the consumer's work, and no message waits in a local buffer while its
+``ack_wait`` runs out. Pull requests carry an expiry and ask for idle heartbeats, so a lost
+request (a reconnect, a server restart) is noticed and replaced instead of leaving the
+driver silently idle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import TYPE_CHECKING
+
+import orjson
+from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
+from nats.js.errors import NotFoundError
+from structlog.typing import FilteringBoundLogger
+
+from .. import protocol
+from ..models import DriverResult, PipelineEvent, encode
+from ..outcomes import Action, Outcome
+from .dispatcher import Delivery, Processed, Services, process
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client
+    from nats.aio.subscription import Subscription
+
+    from ..app import Driver
+
+#: How long one pull request waits on the server for messages before it expires.
+PULL_EXPIRES = 30.0
+#: The server sends a heartbeat when a pull request has been idle this long.
+PULL_HEARTBEAT = 5.0
+#: A pull that heard nothing (no message, no heartbeat) for this long is presumed lost.
+PULL_SILENCE = 3 * PULL_HEARTBEAT
+_PUBLISH_TIMEOUT = 5.0
+_PUBLISH_ATTEMPTS = 5
+
+
+class Consumer:
+    """Consumes the driver's durable pull consumer until :meth:`stop`."""
+
+    def __init__(
+        self,
+        nc: Client,
+        driver: Driver,
+        services: Services,
+        *,
+        concurrency: int,
+        log: FilteringBoundLogger,
+    ) -> None:
+        self._nc = nc
+        self._js = nc.jetstream()
+        self._driver = driver
+        self._services = services
+        self._log = log
+        self.concurrency = concurrency
+        self._threshold = max(1, concurrency // 2)
+        self._running: dict[asyncio.Task[None], Msg] = {}
+        self._touched: dict[asyncio.Task[None], float] = {}
+        self._requested = 0
+        self._stopping = False
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._sub: Subscription | None = None
+        self._inbox = ""
+        self._tasks: list[asyncio.Task[None]] = []
+        self.last_activity = time.monotonic()
+        self.handled = 0
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._running)
+
+    async def ensure(self) -> None:
+        """Create or update the durable consumer; its config is the driver's, not ours."""
+        config = protocol.consumer_config(
+            self._driver.name, self._driver.resource_types, self._driver.ack_wait
+        )
+        try:
+            await self._js.add_consumer(protocol.MESSAGES_STREAM, config)
+        except NotFoundError:
+            from ..errors import StreamMissingError
+
+            raise StreamMissingError(
+                f"stream {protocol.MESSAGES_STREAM!r} does not exist on this NATS server: "
+                "start the Conveyor server first, or run with --embedded"
+            ) from None
+
+    async def start(self) -> None:
+        self._inbox = self._nc.new_inbox()
+        self._sub = await self._nc.subscribe(self._inbox, cb=self._on_message)
+        self._tasks = [
+            asyncio.create_task(self._pull_forever(), name="pull"),
+            asyncio.create_task(self._keep_alive(), name="in-progress"),
+        ]
+        self._wake.set()
+
+    def connection_restored(self) -> None:
+        """Pull requests do not survive a reconnect: forget them and ask again."""
+        self._requested = 0
+        self._wake.set()
+
+    async def stop(self, grace_period: float) -> None:
+        """Stop pulling; let running handlers finish within ``grace_period``; nak the rest."""
+        self._stopping = True
+        self._wake.set()
+        running = list(self._running)
+        if running:
+            self._log.info("waiting for running handlers", count=len(running), grace=grace_period)
+            _, unfinished = await asyncio.wait(running, timeout=grace_period)
+            for task in unfinished:
+                task.cancel()
+            if unfinished:
+                self._log.warning(
+                    "grace period over: unfinished runs handed back", count=len(unfinished)
+                )
+                await asyncio.wait(unfinished, timeout=_PUBLISH_TIMEOUT)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+            self._sub = None
+
+    async def _pull_forever(self) -> None:
+        while not self._stopping:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), PULL_HEARTBEAT)
+            self._wake.clear()
+            if self._stopping:
+                return
+            now = time.monotonic()
+            if self._requested and now - self.last_activity > PULL_SILENCE:
+                self._log.warning(
+                    "pull request went silent; asking again", requested=self._requested
+                )
+                self._requested = 0
+            want = self.concurrency - len(self._running) - self._requested
+            if want < self._threshold and not (want > 0 and self._requested == 0):
+                if not self._requested:
+                    self.last_activity = now
+                continue
+            request = {
+                "batch": want,
+                "expires": int(PULL_EXPIRES * 1e9),
+                "idle_heartbeat": int(PULL_HEARTBEAT * 1e9),
+            }
+            try:
+                await self._nc.publish(
+                    protocol.pull_request_subject(protocol.MESSAGES_STREAM, self._driver.name),
+                    orjson.dumps(request),
+                    reply=self._inbox,
+                )
+            except NatsError as exc:
+                self._log.debug("pull request not sent", error=str(exc))
+                await asyncio.sleep(1.0)
+                self._wake.set()
+                continue
+            if not self._requested:
+                self.last_activity = now
+            self._requested += want
+
+    async def _on_message(self, msg: Msg) -> None:
+        self.last_activity = time.monotonic()
+        headers = msg.headers
+        if headers and protocol.STATUS_HEADER in headers and not msg.data:
+            await self._on_status(headers)
+            return
+        self._requested = max(self._requested - 1, 0)
+        if self._stopping or len(self._running) >= self.concurrency:
+            await _quietly(msg.nak())
+            return
+        task = asyncio.create_task(self._handle(msg))
+        self._running[task] = msg
+        self._touched[task] = time.monotonic()
+        self._idle.clear()
+
+    async def _on_status(self, headers: dict[str, str]) -> None:
+        status = headers.get(protocol.STATUS_HEADER, "")
+        if status == protocol.STATUS_IDLE_HEARTBEAT:
+            return
+        if status in (protocol.STATUS_REQUEST_TIMEOUT, protocol.STATUS_NO_MESSAGES):
+            pending = headers.get(protocol.PENDING_MESSAGES_HEADER)
+            expired = int(pending) if pending and pending.isdigit() else self._requested
+            self._requested = max(self._requested - expired, 0)
+            self._wake.set()
+            return
+        description = headers.get(protocol.DESCRIPTION_HEADER, "")
+        self._log.warning("pull request refused", status=status, description=description)
+        self._requested = 0
+        if "deleted" in description.lower():
+            self._tasks.append(asyncio.create_task(self._recreate()))
+        else:
+            asyncio.get_running_loop().call_later(1.0, self._wake.set)
+
+    async def _recreate(self) -> None:
+        """The consumer was deleted under us: put it back rather than idle silently."""
+        try:
+            await self.ensure()
+            self._log.warning("consumer was deleted; recreated it", consumer=self._driver.name)
+        except Exception as exc:
+            self._log.error("consumer was deleted and could not be recreated", error=str(exc))
+        await asyncio.sleep(1.0)
+        self._wake.set()
+
+    async def _handle(self, msg: Msg) -> None:
+        try:
+            metadata = msg.metadata
+            delivery = Delivery(msg.data, msg.subject, metadata.num_delivered or 1)
+            processed = await process(self._driver, delivery, self._services)
+            await self._settle(msg, processed, metadata.sequence.stream or 0)
+        except asyncio.CancelledError:
+            await _quietly(msg.nak())
+            self._log.info("run handed back for redelivery", subject=msg.subject)
+        except Exception:
+            self._log.exception("message could not be settled; it will be redelivered")
+            await _quietly(msg.nak(delay=1.0))
+        finally:
+            self.handled += 1
+            task = asyncio.current_task()
+            self._running.pop(task, None)  # type: ignore[arg-type]
+            self._touched.pop(task, None)  # type: ignore[arg-type]
+            if not self._running:
+                self._idle.set()
+            self._wake.set()
+
+    async def _settle(self, msg: Msg, processed: Processed, stream_sequence: int) -> None:
+        """Publish the result (and await its PubAck), and only then ack, nak or term."""
+        outcome: Outcome = processed.outcome
+        message = processed.message
+        if outcome.result is not None and message is not None:
+            event = PipelineEvent(
+                run_id=message.run_id,
+                resource=message.payload,
+                driverresult=DriverResult(
+                    success=outcome.result.success,
+                    message=outcome.result.message,
+                    data=outcome.result.data,
+                    driver=self._driver.name,
+                ),
+            )
+            headers = {
+                protocol.MSG_ID_HEADER: protocol.result_message_id(
+                    self._driver.name, stream_sequence
+                )
+            }
+            if not await self._publish_result(encode(event), headers):
+                self._log.error(
+                    "result could not be published; the message will be redelivered",
+                    run_id=message.run_id,
+                )
+                await msg.nak(delay=5.0)
+                return
+        if outcome.action is Action.ACK:
+            await msg.ack()
+        elif outcome.action is Action.TERM:
+            await msg.term()
+        else:
+            await msg.nak(delay=outcome.delay)
+
+    async def _publish_result(self, body: bytes, headers: dict[str, str]) -> bool:
+        """Publish with retries: the de-duplication header makes a repeat harmless."""
+        for attempt in range(1, _PUBLISH_ATTEMPTS + 1):
+            try:
+                await self._js.publish(
+                    protocol.RESULT_SUBJECT, body, timeout=_PUBLISH_TIMEOUT, headers=headers
+                )
+                return True
+            except (NatsError, TimeoutError) as exc:
+                self._log.warning("result publish failed", attempt=attempt, error=str(exc))
+                await asyncio.sleep(min(2.0**attempt / 4, 5.0))
+        return False
+
+    async def _keep_alive(self) -> None:
+        """Tell JetStream that long runs are still alive, well inside ``ack_wait``."""
+        period = self._driver.ack_wait / 3
+        while True:
+            await asyncio.sleep(min(period / 2, 5.0))
+            now = time.monotonic()
+            for task, touched in list(self._touched.items()):
+                msg = self._running.get(task)
+                if msg is not None and now - touched >= period and not msg.is_acked:
+                    self._touched[task] = now
+                    await _quietly(msg.in_progress())
+
+
+async def _quietly(action: object) -> None:
+    """Settle a message where failing to is harmless (JetStream redelivers after ack_wait)."""
+    try:
+        await action  # type: ignore[misc]
+    except Exception:
+        return

@@ -1,0 +1,161 @@
+"""One delivery, start to finish, with no NATS in it: decode, route, run, decide.
+
+The runtime and :func:`conveyor_driver.testing.dispatch` both call :func:`process`, so a
+unit test exercises the same routing and error semantics a production driver runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+from concurrent.futures import Executor
+from typing import TYPE_CHECKING, Any
+
+import attrs
+from structlog.typing import FilteringBoundLogger
+
+from .. import outcomes
+from ..context import Context
+from ..models import DecodeError, DriverMessage, decode_driver_message
+from ..outcomes import Action, Kind, Outcome
+
+if TYPE_CHECKING:
+    from ..api import ConveyorClient
+    from ..app import Driver, Route
+
+_EXCERPT_BYTES = 200
+
+
+@attrs.frozen
+class Delivery:
+    """What the transport knows of a message: its body, subject and delivery count."""
+
+    data: bytes
+    subject: str
+    attempt: int = 1
+
+
+@attrs.frozen
+class Processed:
+    """The decision, with the decoded message when there was one to decode."""
+
+    outcome: Outcome
+    message: DriverMessage | None = None
+
+
+@attrs.frozen
+class Services:
+    """What the runtime hands every run: the driver logger, the API client, a thread pool."""
+
+    log: FilteringBoundLogger
+    api: ConveyorClient
+    executor: Executor | None = None
+
+
+async def process(driver: Driver, delivery: Delivery, services: Services) -> Processed:
+    """Decide what happens to ``delivery``; never raises for anything a handler does."""
+    try:
+        message = decode_driver_message(delivery.data, delivery.subject)
+    except DecodeError as exc:
+        excerpt = delivery.data[:_EXCERPT_BYTES].decode("utf-8", errors="replace")
+        services.log.warning(
+            "message terminated: not a DriverMessage",
+            subject=delivery.subject,
+            reason=str(exc),
+            size=len(delivery.data),
+            excerpt=excerpt,
+        )
+        return Processed(Outcome(Kind.UNDECODABLE, Action.TERM))
+
+    resource = message.payload
+    log = services.log.bind(
+        run_id=message.run_id,
+        event_name=message.event,
+        resource_type=resource.type,
+        resource_name=resource.name,
+        **({"pipeline": resource.pipeline} if resource.pipeline else {}),
+    )
+    route = driver.route_for(resource.type, message.event)
+    if route is None:
+        log.warning(
+            "message terminated: no handler for this resource type and event",
+            subject=delivery.subject,
+        )
+        return Processed(Outcome(Kind.UNROUTED, Action.TERM), message)
+
+    if delivery.attempt > driver.max_attempts:
+        outcome = outcomes.gave_up(
+            delivery.attempt - 1, "the handler never finished (the driver stopped mid-run)"
+        )
+        log.error("run gave up", attempt=delivery.attempt, reason=outcome.result)
+        return Processed(outcome, message)
+
+    ctx = Context(
+        driver=driver.name,
+        event=message.event,
+        run_id=message.run_id,
+        message_id=message.id,
+        subject=delivery.subject,
+        attempt=delivery.attempt,
+        resource=resource,
+        log=log,
+        api=services.api,
+    )
+    log.debug("run started", attempt=delivery.attempt, handler=route.name)
+    try:
+        value = await _call(route, ctx, services.executor)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        outcome = outcomes.from_exception(exc, delivery.attempt, driver.max_attempts)
+        _log_exception(log, exc, outcome, delivery.attempt, driver.max_attempts)
+        return Processed(outcome, message)
+    outcome = outcomes.from_return(value)
+    _log_result(log, outcome)
+    return Processed(outcome, message)
+
+
+async def _call(route: Route, ctx: Context, executor: Executor | None) -> Any:
+    if route.is_async:
+        return await route.handler(ctx)
+    loop = asyncio.get_running_loop()
+    run = functools.partial(contextvars.copy_context().run, route.handler, ctx)
+    return await loop.run_in_executor(executor, run)
+
+
+def _log_result(log: FilteringBoundLogger, outcome: Outcome) -> None:
+    result = outcome.result
+    assert result is not None
+    if result.success:
+        log.info("run succeeded", result=result.message)
+    else:
+        log.warning("run failed", result=result.message)
+
+
+def _log_exception(
+    log: FilteringBoundLogger,
+    exc: Exception,
+    outcome: Outcome,
+    attempt: int,
+    max_attempts: int,
+) -> None:
+    if outcome.kind is Kind.FAILURE:
+        log.warning("run failed", result=outcome.result.message if outcome.result else "")
+    elif outcome.kind is Kind.GAVE_UP:
+        log.error(
+            "run gave up",
+            attempt=attempt,
+            result=outcome.result.message if outcome.result else "",
+            exc_info=not isinstance(exc, outcomes.Retry),
+        )
+    elif isinstance(exc, outcomes.Retry):
+        log.info("run will retry", reason=exc.message, delay=outcome.delay, attempt=attempt)
+    else:
+        log.error(
+            "run raised; will retry",
+            attempt=attempt,
+            max_attempts=max_attempts,
+            delay=outcome.delay,
+            exc_info=exc,
+        )

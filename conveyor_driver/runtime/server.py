@@ -1,0 +1,130 @@
+"""Serving a driver: wire the parts together, consume until a signal, shut down cleanly.
+
+Start-up order matters: the consumer is created before anything else can fail late, so
+that events published while the driver starts are kept (the ``messages`` stream drops what
+no consumer is interested in). Shutdown runs in reverse: stop pulling, let handlers finish,
+flush logs, run shutdown hooks, close the API session, drain NATS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+from ..api import ConveyorClient
+from ..app import call_hook
+from ..logs.chain import build_logger
+from ..logs.nats import NatsLogSink
+from ..settings import Settings
+from .connection import connect
+from .consumer import Consumer
+from .dispatcher import Services
+
+if TYPE_CHECKING:
+    from ..app import Driver
+
+
+async def serve(driver: Driver, settings: Settings | None = None) -> None:
+    """Run ``driver`` until SIGINT/SIGTERM or until this coroutine is cancelled."""
+    settings = settings or Settings.from_env()
+    driver.check()
+    concurrency = settings.concurrency or driver.concurrency
+    sink = NatsLogSink(driver.name)
+    log = build_logger(level=settings.log_level, fmt=settings.log_format, sinks=[sink]).bind(
+        driver=driver.name
+    )
+    async with contextlib.AsyncExitStack() as stack:
+        urls = settings.nats_urls
+        if settings.embedded:
+            from ..embedded import EmbeddedNats
+
+            server = EmbeddedNats(port=settings.embedded_port, store_dir=settings.embedded_dir)
+            await stack.enter_async_context(server)
+            urls = (server.url,)
+            log.info("embedded nats-server started", url=server.url)
+
+        consumer: Consumer | None = None
+
+        async def on_reconnect() -> None:
+            if consumer is not None:
+                consumer.connection_restored()
+
+        nc = await connect(
+            urls, name=f"conveyor-driver:{driver.name}", log=log, on_reconnect=on_reconnect
+        )
+        stack.push_async_callback(_close, nc)
+        api = ConveyorClient(settings.api_url)
+        stack.push_async_callback(api.close)
+        executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=driver.name)
+        stack.callback(executor.shutdown, wait=False, cancel_futures=True)
+
+        consumer = Consumer(
+            nc,
+            driver,
+            Services(log=log, api=api, executor=executor),
+            concurrency=concurrency,
+            log=log,
+        )
+        await consumer.ensure()
+        sink.start(nc)
+        stack.push_async_callback(sink.close)
+        for hook in driver.startup_hooks:
+            await call_hook(hook)
+
+        stop = asyncio.Event()
+        _install_signal_handlers(stop)
+        await consumer.start()
+        log.info(
+            "driver started",
+            subjects=driver.subjects,
+            concurrency=concurrency,
+            nats=", ".join(urls),
+        )
+        try:
+            await stop.wait()
+            log.info("shutting down")
+        finally:
+            _remove_signal_handlers()
+            await consumer.stop(driver.grace_period)
+            for hook in driver.shutdown_hooks:
+                try:
+                    await call_hook(hook)
+                except Exception:
+                    log.exception("shutdown hook failed", hook=getattr(hook, "__qualname__", hook))
+            await sink.close()
+            log.info("driver stopped", handled=consumer.handled, log_lines_sent=sink.sent)
+
+
+async def _close(nc: object) -> None:
+    from nats.aio.client import Client
+
+    assert isinstance(nc, Client)
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(nc.drain(), 10)
+    if not nc.is_closed:
+        await nc.close()
+
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _install_signal_handlers(stop: asyncio.Event) -> None:
+    """Ask for a graceful stop on SIGINT/SIGTERM where this loop may own signals.
+
+    The handlers are removed as soon as the stop begins, so a second Ctrl-C falls through
+    to Python's default and forces the exit.
+    """
+    loop = asyncio.get_running_loop()
+    for sig in _SIGNALS:
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, stop.set)
+
+
+def _remove_signal_handlers() -> None:
+    loop = asyncio.get_running_loop()
+    for sig in _SIGNALS:
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.remove_signal_handler(sig)

@@ -1,0 +1,79 @@
+"""Where the driver connects and how it logs: read from CLI options or CONVEYOR_* variables.
+
+The :class:`~conveyor_driver.Driver` says *what* the driver does and how hard it works
+(concurrency, attempts); ``Settings`` says *where* it runs, which differs per deployment.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from .errors import ConfigurationError
+
+DEFAULT_NATS_URL = "nats://localhost:4222"
+DEFAULT_API_URL = "http://localhost:8080"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("auto", "console", "json")
+
+
+def _split_urls(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    items = value.split(",") if isinstance(value, str) else list(value)
+    urls = tuple(item.strip() for item in items if item.strip())
+    if not urls:
+        raise ConfigurationError("no NATS URL given")
+    return urls
+
+
+def _check_choice(allowed: tuple[str, ...]) -> Callable[[Any, attrs.Attribute[str], str], None]:
+    def check(_instance: object, attribute: attrs.Attribute[str], value: str) -> None:
+        if value not in allowed:
+            raise ConfigurationError(
+                f"{attribute.name} must be one of {', '.join(allowed)}, not {value!r}"
+            )
+
+    return check
+
+
+@attrs.frozen
+class Settings:
+    """Deployment settings; every field has a safe default for a local Conveyor."""
+
+    nats_urls: tuple[str, ...] = attrs.field(default=(DEFAULT_NATS_URL,), converter=_split_urls)
+    api_url: str = DEFAULT_API_URL
+    concurrency: int | None = None
+    log_level: str = attrs.field(default="info", validator=_check_choice(LOG_LEVELS))
+    log_format: str = attrs.field(default="auto", validator=_check_choice(LOG_FORMATS))
+    embedded: bool = False
+    embedded_port: int | None = None
+    embedded_dir: Path | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Settings from ``CONVEYOR_*`` variables, for ``driver.run()`` outside the CLI."""
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        if "CONVEYOR_NATS_URL" in env:
+            values["nats_urls"] = env["CONVEYOR_NATS_URL"]
+        if "CONVEYOR_API_URL" in env:
+            values["api_url"] = env["CONVEYOR_API_URL"]
+        if "CONVEYOR_CONCURRENCY" in env:
+            values["concurrency"] = _int(env["CONVEYOR_CONCURRENCY"], "CONVEYOR_CONCURRENCY")
+        if "CONVEYOR_LOG_LEVEL" in env:
+            values["log_level"] = env["CONVEYOR_LOG_LEVEL"].lower()
+        if "CONVEYOR_LOG_FORMAT" in env:
+            values["log_format"] = env["CONVEYOR_LOG_FORMAT"].lower()
+        if "CONVEYOR_EMBEDDED" in env:
+            values["embedded"] = env["CONVEYOR_EMBEDDED"].lower() in ("1", "true", "yes", "on")
+        return cls(**values)  # type: ignore[arg-type]
+
+
+def _int(value: str, name: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigurationError(f"{name} must be a whole number, not {value!r}") from None

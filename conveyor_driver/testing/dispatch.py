@@ -1,0 +1,67 @@
+"""dispatch(): the runtime's decision for one event, computed without NATS."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import attrs
+
+from .. import protocol
+from ..api import ConveyorClient
+from ..app import Driver
+from ..models import DriverMessage, Resource, encode_driver_message
+from ..outcomes import Result
+from ..runtime.dispatcher import Delivery, Services, process
+from ..settings import DEFAULT_API_URL
+from .fake import LogRecorder, as_resource
+
+
+@attrs.frozen
+class DispatchReport:
+    """What the runtime would do: publish ``result`` (if any), then ``action``.
+
+    ``action`` is ``"ack"``, ``"nak"`` (redelivered after ``delay`` seconds) or ``"term"``;
+    ``kind`` says why (``success``, ``failure``, ``retry``, ``gave_up``, ...).
+    """
+
+    result: Result | None
+    action: str
+    delay: float | None
+    kind: str
+    logs: list[dict[str, Any]]
+
+
+async def dispatch(
+    driver: Driver,
+    resource: Resource | dict[str, Any],
+    event: str = "create",
+    attempt: int = 1,
+    *,
+    run_id: str | None = None,
+    api: ConveyorClient | None = None,
+) -> DispatchReport:
+    """Encode the event as the server would and run it through the real dispatcher."""
+    res = as_resource(resource)
+    message = DriverMessage(
+        event=event, payload=res, run_id=run_id or str(uuid.uuid4()), id=str(uuid.uuid4())
+    )
+    recorder = LogRecorder()
+    services = Services(
+        log=recorder.logger().bind(driver=driver.name),
+        api=api or ConveyorClient(DEFAULT_API_URL),
+    )
+    delivery = Delivery(
+        data=encode_driver_message(message),
+        subject=protocol.resource_subject(res.type or "unknown"),
+        attempt=attempt,
+    )
+    processed = await process(driver, delivery, services)
+    outcome = processed.outcome
+    return DispatchReport(
+        result=outcome.result,
+        action=outcome.action.value,
+        delay=outcome.delay,
+        kind=outcome.kind.value,
+        logs=recorder.entries,
+    )

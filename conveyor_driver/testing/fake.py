@@ -1,0 +1,82 @@
+"""FakeContext: a Context whose log lines land in a list instead of NATS."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import attrs
+import structlog
+from structlog.typing import EventDict, FilteringBoundLogger, WrappedLogger
+
+from .. import protocol
+from ..api import ConveyorClient
+from ..context import Context
+from ..models import Resource, resource_from_json
+from ..settings import DEFAULT_API_URL
+
+
+class LogRecorder:
+    """A structlog processor that keeps each entry (event text, level, bound keys)."""
+
+    def __init__(self) -> None:
+        self.entries: list[dict[str, Any]] = []
+
+    def __call__(self, _logger: WrappedLogger, method: str, event_dict: EventDict) -> EventDict:
+        entry = dict(event_dict)
+        entry.setdefault("level", method)
+        self.entries.append(entry)
+        raise structlog.DropEvent
+
+    def logger(self) -> FilteringBoundLogger:
+        """A debug-level logger feeding this recorder and nothing else."""
+        logger: FilteringBoundLogger = structlog.wrap_logger(
+            None,
+            processors=[structlog.processors.add_log_level, self],
+            wrapper_class=structlog.make_filtering_bound_logger(0),
+        )
+        return logger
+
+
+def as_resource(resource: Resource | dict[str, Any]) -> Resource:
+    """A Resource from one, or from a dict shaped like the server's JSON."""
+    return resource if isinstance(resource, Resource) else resource_from_json(resource)
+
+
+@attrs.define(frozen=True, init=False)
+class FakeContext(Context):
+    """A Context for calling a handler directly in a test; ``ctx.logs`` holds its lines."""
+
+    logs: list[dict[str, Any]] = attrs.field(factory=list, repr=False)
+
+    def __init__(
+        self,
+        resource: Resource | dict[str, Any],
+        event: str = "create",
+        run_id: str | None = None,
+        attempt: int = 1,
+        api: ConveyorClient | None = None,
+        driver: str = "test-driver",
+    ) -> None:
+        res = as_resource(resource)
+        run = run_id or str(uuid.uuid4())
+        recorder = LogRecorder()
+        log = recorder.logger().bind(
+            driver=driver,
+            run_id=run,
+            event_name=event,
+            resource_type=res.type,
+            resource_name=res.name,
+        )
+        self.__attrs_init__(
+            driver=driver,
+            event=event,
+            run_id=run,
+            message_id=str(uuid.uuid4()),
+            subject=protocol.resource_subject(res.type or "unknown"),
+            attempt=attempt,
+            resource=res,
+            log=log,
+            api=api or ConveyorClient(DEFAULT_API_URL),
+            logs=recorder.entries,
+        )
