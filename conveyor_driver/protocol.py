@@ -76,6 +76,11 @@ def live_log_subject(run_id: str, driver: str) -> str:
     return f"live.logs.{run_id}.{driver}"
 
 
+def live_log_subjects(driver: str) -> str:
+    """Every live log line of one driver, whatever the run (a wildcard subscription)."""
+    return f"live.logs.*.{driver}"
+
+
 def result_message_id(driver: str, stream_sequence: int) -> str:
     """The de-duplication id of the one result a delivered message may produce."""
     return f"{driver}:{MESSAGES_STREAM}:{stream_sequence}"
