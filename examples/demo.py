@@ -14,6 +14,7 @@ from pathlib import Path
 
 import nats
 import orjson
+from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -69,7 +70,7 @@ async def main() -> int:
     return 0 if event.driverresult.success and stored else 1
 
 
-async def _stored_logs(nc: nats.NATS, run_id: str) -> list[dict[str, str]]:
+async def _stored_logs(nc: Client, run_id: str) -> list[dict[str, str]]:
     """Read the run's entries as the server's logs-engine would (no server runs here)."""
     js = nc.jetstream()
     sub = await js.pull_subscribe(protocol.log_subject(run_id), stream=protocol.LOGS_STREAM)
