@@ -21,8 +21,16 @@ import orjson
 from . import protocol
 from .errors import ConveyorDriverError
 from .loader import load_driver
+from .logs.loki import LokiConfig
 from .models import converter, resource_from_json
-from .settings import DEFAULT_API_URL, DEFAULT_NATS_URL, LOG_FORMATS, LOG_LEVELS, Settings
+from .settings import (
+    DEFAULT_API_URL,
+    DEFAULT_NATS_URL,
+    LOG_FORMATS,
+    LOG_LEVELS,
+    Settings,
+    parse_labels,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -62,6 +70,57 @@ def _run_async(coroutine: Coroutine[Any, Any, Any]) -> Any:
 @click.version_option(package_name="conveyor-driver")
 def main() -> None:
     """Write and run Conveyor CI drivers in Python."""
+
+
+def _loki_options(command: F) -> F:
+    """The ``--loki-*`` options of ``run``; with no --loki-url, no Loki code runs."""
+    options = [
+        click.option("--loki-url", envvar="CONVEYOR_LOKI_URL", help="Grafana Loki base URL."),
+        click.option("--loki-tenant", envvar="CONVEYOR_LOKI_TENANT", help="X-Scope-OrgID."),
+        click.option("--loki-user", envvar="CONVEYOR_LOKI_USER", help="Basic auth user."),
+        click.option("--loki-password", envvar="CONVEYOR_LOKI_PASSWORD"),
+        click.option("--loki-token", envvar="CONVEYOR_LOKI_TOKEN", help="Bearer token."),
+        click.option(
+            "--loki-label",
+            envvar="CONVEYOR_LOKI_LABEL",
+            multiple=True,
+            metavar="KEY=VALUE",
+            help="A static label on every line (repeatable).",
+        ),
+        click.option(
+            "--loki-batch-wait",
+            envvar="CONVEYOR_LOKI_BATCH_WAIT",
+            type=click.FloatRange(min=0.01),
+            default=1.0,
+            show_default=True,
+            help="Seconds a batch gathers before it is sent.",
+        ),
+        click.option(
+            "--loki-batch-bytes",
+            envvar="CONVEYOR_LOKI_BATCH_BYTES",
+            type=click.IntRange(min=1024),
+            default=1_048_576,
+            show_default=True,
+        ),
+        click.option(
+            "--loki-format",
+            envvar="CONVEYOR_LOKI_FORMAT",
+            type=click.Choice(["logfmt", "json"]),
+            default="logfmt",
+            show_default=True,
+            help="How each line is rendered.",
+        ),
+        click.option(
+            "--loki-structured-metadata/--no-loki-structured-metadata",
+            envvar="CONVEYOR_LOKI_STRUCTURED_METADATA",
+            default=True,
+            show_default=True,
+            help="Off for Loki 2.x: run ids then go into the line instead.",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
 
 
 @main.command()
@@ -109,31 +168,42 @@ def main() -> None:
     default=None,
     help="JetStream storage of the embedded server (default: a temporary directory).",
 )
+@_loki_options
 @_friendly_errors
-def run(
-    app: str,
-    nats_url: str,
-    api_url: str,
-    concurrency: int | None,
-    log_level: str,
-    log_format: str,
-    embedded: bool,
-    embedded_port: int | None,
-    embedded_dir: Path | None,
-) -> None:
+def run(app: str, **options: Any) -> None:
     """Serve the driver APP (module:attr or path/to/file.py:attr) until SIGINT/SIGTERM."""
     driver = load_driver(app)
     settings = Settings(
-        nats_urls=nats_url,
-        api_url=api_url,
-        concurrency=concurrency,
-        log_level=log_level.lower(),
-        log_format=log_format.lower(),
-        embedded=embedded,
-        embedded_port=embedded_port,
-        embedded_dir=embedded_dir,
+        nats_urls=options["nats_url"],
+        api_url=options["api_url"],
+        concurrency=options["concurrency"],
+        log_level=options["log_level"].lower(),
+        log_format=options["log_format"].lower(),
+        embedded=options["embedded"],
+        embedded_port=options["embedded_port"],
+        embedded_dir=options["embedded_dir"],
+        loki=_loki_config(options),
     )
     _run_async(driver.serve(settings))
+
+
+def _loki_config(options: dict[str, Any]) -> LokiConfig | None:
+    if not options["loki_url"]:
+        return None
+    if options["loki_token"] and options["loki_user"]:
+        raise click.UsageError("give either --loki-user/--loki-password or --loki-token")
+    return LokiConfig(
+        url=options["loki_url"],
+        tenant=options["loki_tenant"],
+        username=options["loki_user"],
+        password=options["loki_password"],
+        token=options["loki_token"],
+        labels=parse_labels(options["loki_label"]),
+        batch_wait=options["loki_batch_wait"],
+        batch_bytes=options["loki_batch_bytes"],
+        line_format=options["loki_format"],
+        structured_metadata=options["loki_structured_metadata"],
+    )
 
 
 @main.command()

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import attrs
 from structlog.typing import FilteringBoundLogger
 
+from .commands import CommandResult, run_command
 from .models import Resource
 
 if TYPE_CHECKING:
@@ -30,3 +33,21 @@ class Context:
     resource: Resource
     log: FilteringBoundLogger = attrs.field(repr=False)
     api: ConveyorClient = attrs.field(repr=False)
+
+    async def run(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        cwd: str | os.PathLike[str] | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        check: bool = False,
+    ) -> CommandResult:
+        """Run a command, streaming each stdout/stderr line to ``ctx.log`` as it appears.
+
+        ``cmd`` is a shell string or an argv list. Returns the exit code and a bounded tail
+        of the output; with ``check``, a non-zero exit or a timeout raises ``Fail``. On a
+        timeout, or when the handler is cancelled, the command's whole process group is
+        killed.
+        """
+        return await run_command(self.log, cmd, cwd=cwd, env=env, timeout=timeout, check=check)

@@ -7,18 +7,21 @@ The :class:`~conveyor_driver.Driver` says *what* the driver does and how hard it
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
 
 from .errors import ConfigurationError
+from .logs.loki import LokiConfig
 
 DEFAULT_NATS_URL = "nats://localhost:4222"
 DEFAULT_API_URL = "http://localhost:8080"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "console", "json")
+_LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 
 
 def _split_urls(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
@@ -51,6 +54,7 @@ class Settings:
     embedded: bool = False
     embedded_port: int | None = None
     embedded_dir: Path | None = None
+    loki: LokiConfig | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -69,7 +73,29 @@ class Settings:
             values["log_format"] = env["CONVEYOR_LOG_FORMAT"].lower()
         if "CONVEYOR_EMBEDDED" in env:
             values["embedded"] = env["CONVEYOR_EMBEDDED"].lower() in ("1", "true", "yes", "on")
+        if env.get("CONVEYOR_LOKI_URL"):
+            values["loki"] = LokiConfig(
+                url=env["CONVEYOR_LOKI_URL"],
+                tenant=env.get("CONVEYOR_LOKI_TENANT") or None,
+                username=env.get("CONVEYOR_LOKI_USER") or None,
+                password=env.get("CONVEYOR_LOKI_PASSWORD") or None,
+                token=env.get("CONVEYOR_LOKI_TOKEN") or None,
+                labels=parse_labels(env.get("CONVEYOR_LOKI_LABEL", "").split()),
+            )
         return cls(**values)  # type: ignore[arg-type]
+
+
+def parse_labels(items: Sequence[str]) -> dict[str, str]:
+    """``KEY=VALUE`` items as Loki labels; Loki's label-name rule is checked here."""
+    labels: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not _LABEL_NAME.match(key) or not value:
+            raise ConfigurationError(
+                f"Loki label {item!r} must be KEY=VALUE with KEY matching [a-zA-Z_][a-zA-Z0-9_]*"
+            )
+        labels[key] = value
+    return labels
 
 
 def _int(value: str, name: str) -> int:

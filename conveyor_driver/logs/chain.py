@@ -21,7 +21,7 @@ from structlog.typing import FilteringBoundLogger, Processor
 #: Keys the runtime binds on every run logger. Sinks that carry them in fields of their own
 #: (the NATS Log entry, Loki labels) leave them out of the rendered message.
 RUN_KEYS = frozenset(
-    {"driver", "run_id", "pipeline", "event_name", "resource_type", "resource_name"}
+    {"driver", "run_id", "pipeline", "event_name", "resource_type", "resource_name", "message_id"}
 )
 
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from .. import protocol
 from ..models import LogEntry, encode
 from .chain import render_message
+from .stdlib import silence_bridge
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -100,6 +101,7 @@ class NatsLogSink:
             self._queue.clear()
 
     async def _publish_forever(self) -> None:
+        silence_bridge()
         while True:
             if not self._queue:
                 if self._closing:

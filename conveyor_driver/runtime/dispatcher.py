@@ -17,6 +17,7 @@ from structlog.typing import FilteringBoundLogger
 
 from .. import outcomes
 from ..context import Context
+from ..logs.stdlib import run_scope
 from ..models import DecodeError, DriverMessage, decode_driver_message
 from ..outcomes import Action, Kind, Outcome
 
@@ -71,6 +72,7 @@ async def process(driver: Driver, delivery: Delivery, services: Services) -> Pro
     resource = message.payload
     log = services.log.bind(
         run_id=message.run_id,
+        message_id=message.id,
         event_name=message.event,
         resource_type=resource.type,
         resource_name=resource.name,
@@ -104,7 +106,8 @@ async def process(driver: Driver, delivery: Delivery, services: Services) -> Pro
     )
     log.debug("run started", attempt=delivery.attempt, handler=route.name)
     try:
-        value = await _call(route, ctx, services.executor)
+        with run_scope(log):
+            value = await _call(route, ctx, services.executor)
     except asyncio.CancelledError:
         raise
     except Exception as exc:

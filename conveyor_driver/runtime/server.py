@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
@@ -17,13 +18,17 @@ from typing import TYPE_CHECKING
 from ..api import ConveyorClient
 from ..app import call_hook
 from ..logs.chain import build_logger
+from ..logs.loki import LokiSink
 from ..logs.nats import NatsLogSink
+from ..logs.stdlib import bridged
 from ..settings import Settings
 from .connection import connect
 from .consumer import Consumer
 from .dispatcher import Services
 
 if TYPE_CHECKING:
+    from structlog.typing import Processor
+
     from ..app import Driver
 
 
@@ -33,10 +38,22 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
     driver.check()
     concurrency = settings.concurrency or driver.concurrency
     sink = NatsLogSink(driver.name)
-    log = build_logger(level=settings.log_level, fmt=settings.log_format, sinks=[sink]).bind(
+    sinks: list[Processor] = [sink]
+    loki: LokiSink | None = None
+    if settings.loki is not None:
+        console = build_logger(level=settings.log_level, fmt=settings.log_format)
+        loki = LokiSink(settings.loki, service_name=driver.name, console=console)
+        sinks.append(loki)
+    log = build_logger(level=settings.log_level, fmt=settings.log_format, sinks=sinks).bind(
         driver=driver.name
     )
     async with contextlib.AsyncExitStack() as stack:
+        if loki is not None:
+            loki.start()
+            stack.push_async_callback(loki.close)
+        stack.enter_context(
+            bridged(log, logging.getLevelNamesMapping()[settings.log_level.upper()])
+        )
         urls = settings.nats_urls
         if settings.embedded:
             from ..embedded import EmbeddedNats

@@ -1,0 +1,161 @@
+"""``ctx.run``: run a command and stream each line of its output to the run's log.
+
+CI drivers mostly run commands. Output goes to the log line by line as it appears, so a
+build's progress shows live in Conveyor and Loki; only a bounded tail is kept in memory. The
+command runs in a process group of its own, so a timeout or a cancelled handler kills what
+it started too, not only the shell.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Mapping, Sequence
+
+import attrs
+from structlog.typing import FilteringBoundLogger
+
+from .outcomes import Fail
+
+#: Bytes of each stream kept in the result (the log has every line).
+CAPTURE_LIMIT = 64 * 1024
+_LINE_LIMIT = 64 * 1024
+
+
+@attrs.frozen
+class CommandResult:
+    """How a command ended; ``stdout``/``stderr`` are the last CAPTURE_LIMIT bytes."""
+
+    args: str | tuple[str, ...]
+    exit_code: int
+    stdout: str
+    stderr: str
+    duration: float
+    timed_out: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and not self.timed_out
+
+
+async def run_command(
+    log: FilteringBoundLogger,
+    cmd: str | Sequence[str],
+    *,
+    cwd: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout: float | None = None,
+    check: bool = False,
+) -> CommandResult:
+    """Run ``cmd`` (a shell string or an argv list), logging its lines as they come.
+
+    ``env`` is added to the driver's environment rather than replacing it, so ``PATH``
+    stays. With ``check``, a non-zero exit or a timeout raises :class:`Fail`.
+    """
+    full_env = {**os.environ, **env} if env is not None else None
+    started = time.monotonic()
+    args: str | tuple[str, ...]
+    if isinstance(cmd, str):
+        args = cmd
+        process = await asyncio.create_subprocess_shell(
+            cmd,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            stdin=asyncio.subprocess.DEVNULL,
+            cwd=cwd,
+            env=full_env,
+            start_new_session=True,
+        )
+    else:
+        args = tuple(cmd)
+        process = await asyncio.create_subprocess_exec(
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            stdin=asyncio.subprocess.DEVNULL,
+            cwd=cwd,
+            env=full_env,
+            start_new_session=True,
+        )
+    log.info("command started", command=args if isinstance(args, str) else " ".join(args))
+    assert process.stdout is not None and process.stderr is not None
+    tails = {"stdout": _Tail(), "stderr": _Tail()}
+    readers = asyncio.gather(
+        _pump(process.stdout, "stdout", log, tails["stdout"]),
+        _pump(process.stderr, "stderr", log, tails["stderr"]),
+        process.wait(),
+    )
+    timed_out = False
+    try:
+        await asyncio.wait_for(readers, timeout)
+    except TimeoutError:
+        timed_out = True
+        _kill_group(process)
+        await process.wait()
+    except asyncio.CancelledError:
+        _kill_group(process)
+        with contextlib.suppress(ProcessLookupError):
+            await asyncio.shield(process.wait())
+        raise
+    exit_code = process.returncode if process.returncode is not None else -1
+    result = CommandResult(
+        args=args,
+        exit_code=exit_code,
+        stdout=tails["stdout"].text(),
+        stderr=tails["stderr"].text(),
+        duration=time.monotonic() - started,
+        timed_out=timed_out,
+    )
+    if timed_out:
+        log.warning("command timed out; process group killed", timeout=timeout)
+    else:
+        log.info("command finished", exit_code=exit_code, duration=round(result.duration, 3))
+    if check and not result.ok:
+        what = f"timed out after {timeout:g}s" if timed_out else f"exited with {exit_code}"
+        raise Fail(
+            f"command {what}", data={"exit_code": exit_code, "stderr": result.stderr[-2000:]}
+        )
+    return result
+
+
+class _Tail:
+    """The last CAPTURE_LIMIT bytes of a stream, kept line by line."""
+
+    def __init__(self) -> None:
+        self._lines: collections.deque[str] = collections.deque()
+        self._size = 0
+
+    def add(self, line: str) -> None:
+        self._lines.append(line)
+        self._size += len(line) + 1
+        while self._size > CAPTURE_LIMIT and len(self._lines) > 1:
+            self._size -= len(self._lines.popleft()) + 1
+
+    def text(self) -> str:
+        return "".join(line + "\n" for line in self._lines)
+
+
+async def _pump(
+    stream: asyncio.StreamReader, name: str, log: FilteringBoundLogger, tail: _Tail
+) -> None:
+    while True:
+        try:
+            raw = await stream.readuntil(b"\n")
+        except asyncio.IncompleteReadError as end:
+            raw = end.partial
+            if not raw:
+                return
+        except asyncio.LimitOverrunError as long_line:
+            raw = await stream.readexactly(long_line.consumed)
+        line = raw[:_LINE_LIMIT].decode(errors="replace").rstrip("\r\n")
+        tail.add(line)
+        log.info(line, stream=name)
+
+
+def _kill_group(process: asyncio.subprocess.Process) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)

@@ -1,0 +1,251 @@
+"""Ship log lines to Grafana Loki with its push API, without ever slowing a handler.
+
+Three promises, because common Python Loki handlers break them: a log call only appends to
+a bounded queue (no request on the caller's path); labels stay few and bounded (the driver,
+the resource type, the level and static labels), while per-run values such as the run id go
+into structured metadata, so Loki's stream count does not grow with every build; and a clean
+shutdown flushes what is queued within a deadline. The shipper reports its own trouble on the
+console only, never through the chain it ships, so a failing Loki cannot feed itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import gzip
+import random
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import attrs
+import orjson
+
+from .chain import build_logger
+from .stdlib import silence_bridge
+
+if TYPE_CHECKING:
+    from structlog.typing import EventDict, FilteringBoundLogger, WrappedLogger
+
+PUSH_PATH = "/loki/api/v1/push"
+
+#: Keys that become Loki labels (bounded values only).
+_LABEL_KEYS = {"resource_type": "resource_type"}
+#: Keys that vary per run, and their structured-metadata names: never labels.
+METADATA_KEYS = {
+    "run_id": "run_id",
+    "message_id": "message_id",
+    "event_name": "event",
+    "resource_name": "resource_name",
+    "trace_id": "trace_id",
+    "span_id": "span_id",
+}
+_NOT_IN_LINE = frozenset({"timestamp", "level", "driver", "resource_type"})
+_MAX_RETRIES = 10
+
+
+@attrs.frozen
+class LokiConfig:
+    """Where and how to push; the defaults follow Promtail's (about 1 s or 1 MiB a batch)."""
+
+    url: str
+    tenant: str | None = None
+    username: str | None = None
+    password: str | None = attrs.field(default=None, repr=False)
+    token: str | None = attrs.field(default=None, repr=False)
+    labels: Mapping[str, str] = attrs.field(factory=dict)
+    batch_wait: float = 1.0
+    batch_bytes: int = 1_048_576
+    timeout: float = 10.0
+    max_queue: int = 100_000
+    structured_metadata: bool = True
+    line_format: str = "logfmt"
+    min_backoff: float = 0.5
+    max_backoff: float = 30.0
+    flush_timeout: float = 10.0
+
+    @property
+    def push_url(self) -> str:
+        return self.url.rstrip("/") + PUSH_PATH
+
+
+@attrs.define
+class LokiStats:
+    shipped: int = 0
+    retried: int = 0
+    dropped: int = 0
+
+
+class LokiSink:
+    """A structlog processor feeding a background shipper; one per driver process."""
+
+    def __init__(
+        self,
+        config: LokiConfig,
+        *,
+        service_name: str,
+        console: FilteringBoundLogger | None = None,
+    ) -> None:
+        self.config = config
+        self.service_name = service_name
+        self.stats = LokiStats()
+        self._queue: collections.deque[tuple[int, dict[str, Any]]] = collections.deque()
+        self._wake = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._warned_rejected = False
+        self._console = (console or build_logger()).bind(sink="loki")
+        self._in_flight = 0
+        self._wake_at = max(1, config.batch_bytes // 256)
+
+    def __call__(self, _logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+        if len(self._queue) >= self.config.max_queue:
+            self._queue.popleft()
+            self.stats.dropped += 1
+        self._queue.append((time.time_ns(), dict(event_dict)))
+        if len(self._queue) == self._wake_at and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._wake.set)
+        return event_dict
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.create_task(self._ship_forever(), name="loki-shipper")
+
+    async def close(self) -> None:
+        """Flush within ``flush_timeout``, then report what was shipped, retried, dropped."""
+        if self._task is None:
+            return
+        self._closing = True
+        self._wake.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), self.config.flush_timeout)
+        except TimeoutError:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self.stats.dropped += self._in_flight
+        self.stats.dropped += len(self._queue)
+        self._queue.clear()
+        self._task = None
+        self._console.info(
+            "loki shipping finished",
+            shipped=self.stats.shipped,
+            retried=self.stats.retried,
+            dropped=self.stats.dropped,
+        )
+
+    async def _ship_forever(self) -> None:
+        silence_bridge()
+        headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+        if self.config.tenant:
+            headers["X-Scope-OrgID"] = self.config.tenant
+        if self.config.token:
+            headers["Authorization"] = f"Bearer {self.config.token}"
+        auth = None
+        if self.config.username is not None:
+            auth = aiohttp.BasicAuth(self.config.username, self.config.password or "")
+        timeout = aiohttp.ClientTimeout(total=self.config.timeout)
+        async with aiohttp.ClientSession(headers=headers, auth=auth, timeout=timeout) as session:
+            while True:
+                if not self._closing and len(self._queue) < self._wake_at:
+                    # Let a batch gather for batch_wait unless it is already big enough.
+                    self._wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), self.config.batch_wait)
+                if not self._queue:
+                    if self._closing:
+                        return
+                    continue
+                while self._queue:
+                    body, self._in_flight = self._take_batch()
+                    await self._push(session, body, self._in_flight)
+                    self._in_flight = 0
+
+    def _take_batch(self) -> tuple[bytes, int]:
+        """Encode queued entries, oldest first, into one push body of about batch_bytes."""
+        streams: dict[tuple[tuple[str, str], ...], list[list[Any]]] = {}
+        size = count = 0
+        while self._queue and size < self.config.batch_bytes:
+            timestamp, event_dict = self._queue.popleft()
+            labels, value = self._entry(timestamp, event_dict)
+            streams.setdefault(labels, []).append(value)
+            size += len(value[1]) + 64
+            count += 1
+        return _encode(streams), count
+
+    def _entry(
+        self, timestamp: int, event_dict: dict[str, Any]
+    ) -> tuple[tuple[tuple[str, str], ...], list[Any]]:
+        labels = {"service_name": self.service_name, "level": str(event_dict.get("level", "info"))}
+        for key, label in _LABEL_KEYS.items():
+            if event_dict.get(key):
+                labels[label] = str(event_dict[key])
+        labels.update(self.config.labels)
+        metadata: dict[str, str] = {}
+        if self.config.structured_metadata:
+            for key, name in METADATA_KEYS.items():
+                if key in event_dict:
+                    metadata[name] = str(event_dict.pop(key))
+        line = self._render(event_dict)
+        value: list[Any] = [str(timestamp), line, metadata] if metadata else [str(timestamp), line]
+        return tuple(sorted(labels.items())), value
+
+    def _render(self, event_dict: dict[str, Any]) -> str:
+        fields = {k: v for k, v in event_dict.items() if k not in _NOT_IN_LINE}
+        message = fields.pop("event", "")
+        if self.config.line_format == "json":
+            return orjson.dumps({"msg": message, **fields}, default=str).decode()
+        return " ".join(f"{k}={_logfmt(v)}" for k, v in {"msg": message, **fields}.items())
+
+    async def _push(self, session: aiohttp.ClientSession, body: bytes, count: int) -> None:
+        """Send one batch; retry on 429, 5xx and connection errors; drop on other 4xx."""
+        for attempt in range(_MAX_RETRIES + 1):
+            try:
+                async with session.post(self.config.push_url, data=body) as response:
+                    if response.status < 300:
+                        self.stats.shipped += count
+                        return
+                    text = (await response.text())[:300].strip()
+                    if response.status != 429 and response.status < 500:
+                        self._rejected(response.status, text, count)
+                        return
+                    reason = f"{response.status} {text}"
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                reason = str(exc) or type(exc).__name__
+            if attempt == _MAX_RETRIES:
+                break
+            self.stats.retried += count
+            delay = min(self.config.max_backoff, self.config.min_backoff * 2**attempt)
+            await asyncio.sleep(random.uniform(delay / 2, delay))
+        self.stats.dropped += count
+        self._console.warning("loki unreachable; batch dropped", lines=count, reason=reason)
+
+    def _rejected(self, status: int, text: str, count: int) -> None:
+        self.stats.dropped += count
+        if not self._warned_rejected:
+            self._warned_rejected = True
+            self._console.warning(
+                "loki rejected a batch; dropping rejected batches (warned once)",
+                status=status,
+                error=text,
+                lines=count,
+            )
+
+
+def _encode(streams: dict[tuple[tuple[str, str], ...], list[list[Any]]]) -> bytes:
+    payload = {
+        "streams": [
+            {"stream": dict(labels), "values": sorted(values, key=lambda v: int(v[0]))}
+            for labels, values in streams.items()
+        ]
+    }
+    return gzip.compress(orjson.dumps(payload), compresslevel=1)
+
+
+def _logfmt(value: Any) -> str:
+    text = value if isinstance(value, str) else str(value)
+    if text and not any(c in text for c in ' ="\n\\'):
+        return text
+    return orjson.dumps(text).decode()
