@@ -299,3 +299,7 @@ async def _emit(
 
 class _NoResult(ConveyorDriverError):
     pass
+
+
+if __name__ == "__main__":
+    main()

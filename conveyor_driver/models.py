@@ -154,6 +154,19 @@ def encode_driver_message(message: DriverMessage, *, payload_as_string: bool = T
     )
 
 
+def encode_log_entry(entry: LogEntry) -> bytes:
+    """A LogEntry as JSON: the hot path of log shipping, so no generic unstructuring."""
+    return orjson.dumps(
+        {
+            "runid": entry.runid,
+            "driver": entry.driver,
+            "pipeline": entry.pipeline,
+            "timestamp": entry.timestamp,
+            "message": entry.message,
+        }
+    )
+
+
 def encode(value: Any) -> bytes:
     """Any wire model (or plain JSON value) as JSON bytes."""
     return orjson.dumps(converter.unstructure(value))

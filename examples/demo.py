@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from command_runner import driver
 
-from conveyor_driver import protocol
+from conveyor_driver import Settings, protocol
 from conveyor_driver.embedded import EmbeddedNats
 from conveyor_driver.emit import emit_event, watch_results
 from conveyor_driver.models import Resource, converter
@@ -41,6 +41,7 @@ def show(title: str, body: str) -> None:
 
 
 async def main() -> int:
+    loki = Settings.from_env().loki  # CONVEYOR_LOKI_URL=... also ships the lines to Loki
     async with EmbeddedNats() as server:
         show("embedded nats-server", f"{server.url} (streams created as the Conveyor server does)")
         nc = await nats.connect(server.url)
@@ -51,7 +52,7 @@ async def main() -> int:
 
         await nc.subscribe(protocol.live_log_subjects(driver.name), cb=on_live)
         async with (
-            running(driver, server.url, log_format="console"),
+            running(driver, server.url, log_format="console", loki=loki),
             watch_results(nc) as watch,
         ):
             message = await emit_event(nc, SAMPLE)

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
+import orjson
 import structlog
 from structlog.typing import FilteringBoundLogger, Processor
 
@@ -81,6 +82,4 @@ def _level_number(level: str) -> int:
 
 
 def _json_dumps(value: object, **_: object) -> str:
-    import orjson
-
     return orjson.dumps(value, default=str).decode()

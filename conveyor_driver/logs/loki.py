@@ -15,6 +15,7 @@ import collections
 import contextlib
 import gzip
 import random
+import re
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -31,8 +32,6 @@ if TYPE_CHECKING:
 
 PUSH_PATH = "/loki/api/v1/push"
 
-#: Keys that become Loki labels (bounded values only).
-_LABEL_KEYS = {"resource_type": "resource_type"}
 #: Keys that vary per run, and their structured-metadata names: never labels.
 METADATA_KEYS = {
     "run_id": "run_id",
@@ -42,7 +41,9 @@ METADATA_KEYS = {
     "trace_id": "trace_id",
     "span_id": "span_id",
 }
-_NOT_IN_LINE = frozenset({"timestamp", "level", "driver", "resource_type"})
+_NOT_IN_LINE = frozenset({"event", "timestamp", "level", "driver", "resource_type"})
+_NEEDS_QUOTES = re.compile(r'[\s="\\]')
+_Labels = tuple[tuple[str, str], ...]
 _MAX_RETRIES = 10
 
 
@@ -100,6 +101,7 @@ class LokiSink:
         self._console = (console or build_logger()).bind(sink="loki")
         self._in_flight = 0
         self._wake_at = max(1, config.batch_bytes // 256)
+        self._labels: dict[tuple[object, object], _Labels] = {}
 
     def __call__(self, _logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
         if len(self._queue) >= self.config.max_queue:
@@ -165,7 +167,7 @@ class LokiSink:
 
     def _take_batch(self) -> tuple[bytes, int]:
         """Encode queued entries, oldest first, into one push body of about batch_bytes."""
-        streams: dict[tuple[tuple[str, str], ...], list[list[Any]]] = {}
+        streams: dict[_Labels, list[list[Any]]] = {}
         size = count = 0
         while self._queue and size < self.config.batch_bytes:
             timestamp, event_dict = self._queue.popleft()
@@ -175,29 +177,35 @@ class LokiSink:
             count += 1
         return _encode(streams), count
 
-    def _entry(
-        self, timestamp: int, event_dict: dict[str, Any]
-    ) -> tuple[tuple[tuple[str, str], ...], list[Any]]:
-        labels = {"service_name": self.service_name, "level": str(event_dict.get("level", "info"))}
-        for key, label in _LABEL_KEYS.items():
-            if event_dict.get(key):
-                labels[label] = str(event_dict[key])
-        labels.update(self.config.labels)
+    def _entry(self, timestamp: int, event_dict: dict[str, Any]) -> tuple[_Labels, list[Any]]:
+        key = (event_dict.get("level", "info"), event_dict.get("resource_type"))
+        labels = self._labels.get(key)
+        if labels is None:
+            labels = self._labels[key] = self._make_labels(*key)
         metadata: dict[str, str] = {}
         if self.config.structured_metadata:
-            for key, name in METADATA_KEYS.items():
-                if key in event_dict:
-                    metadata[name] = str(event_dict.pop(key))
+            for name, label in METADATA_KEYS.items():
+                if name in event_dict:
+                    metadata[label] = str(event_dict.pop(name))
         line = self._render(event_dict)
         value: list[Any] = [str(timestamp), line, metadata] if metadata else [str(timestamp), line]
-        return tuple(sorted(labels.items())), value
+        return labels, value
+
+    def _make_labels(self, level: object, resource_type: object) -> _Labels:
+        labels = {"service_name": self.service_name, "level": str(level)}
+        if resource_type:
+            labels["resource_type"] = str(resource_type)
+        labels.update(self.config.labels)
+        return tuple(sorted(labels.items()))
 
     def _render(self, event_dict: dict[str, Any]) -> str:
+        message = event_dict.get("event", "")
         fields = {k: v for k, v in event_dict.items() if k not in _NOT_IN_LINE}
-        message = fields.pop("event", "")
         if self.config.line_format == "json":
             return orjson.dumps({"msg": message, **fields}, default=str).decode()
-        return " ".join(f"{k}={_logfmt(v)}" for k, v in {"msg": message, **fields}.items())
+        parts = [f"msg={_logfmt(message)}"]
+        parts.extend(f"{k}={_logfmt(v)}" for k, v in fields.items())
+        return " ".join(parts)
 
     async def _push(self, session: aiohttp.ClientSession, body: bytes, count: int) -> None:
         """Send one batch; retry on 429, 5xx and connection errors; drop on other 4xx."""
@@ -234,7 +242,7 @@ class LokiSink:
             )
 
 
-def _encode(streams: dict[tuple[tuple[str, str], ...], list[list[Any]]]) -> bytes:
+def _encode(streams: dict[_Labels, list[list[Any]]]) -> bytes:
     payload = {
         "streams": [
             {"stream": dict(labels), "values": sorted(values, key=lambda v: int(v[0]))}
@@ -246,6 +254,6 @@ def _encode(streams: dict[tuple[tuple[str, str], ...], list[list[Any]]]) -> byte
 
 def _logfmt(value: Any) -> str:
     text = value if isinstance(value, str) else str(value)
-    if text and not any(c in text for c in ' ="\n\\'):
+    if text and not _NEEDS_QUOTES.search(text):
         return text
     return orjson.dumps(text).decode()

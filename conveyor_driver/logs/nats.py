@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .. import protocol
-from ..models import LogEntry, encode
+from ..models import LogEntry, encode_log_entry
 from .chain import render_message
 from .stdlib import silence_bridge
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
-    from nats.js import JetStreamContext
+    from nats.aio.msg import Msg
     from structlog.typing import EventDict, WrappedLogger
 
 _BATCH = 256
@@ -42,30 +43,37 @@ class NatsLogSink:
         self.max_queue = max_queue
         self.sent = 0
         self.dropped = 0
-        self._queue: collections.deque[tuple[str, bytes]] = collections.deque()
+        self._queue: collections.deque[EventDict] = collections.deque()
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
         self._task: asyncio.Task[None] | None = None
         self._nc: Client | None = None
-        self._js: JetStreamContext | None = None
+        self._ack_prefix: str | None = None
+        self._sequence = 0
+        self._awaiting: dict[str, tuple[str, bytes]] = {}
+        self._failed: list[tuple[str, bytes]] = []
+        self._all_acked = asyncio.Event()
         self._closing = False
 
     def __call__(self, _logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
-        run_id = event_dict.get("run_id")
-        if run_id is None:
-            return event_dict
+        if "run_id" in event_dict:
+            self._enqueue(dict(event_dict))
+        return event_dict
+
+    def _encode(self, event_dict: EventDict) -> tuple[str, bytes]:
+        """Render an entry in the publisher task, off the handler's path."""
+        run_id = str(event_dict["run_id"])
         entry = LogEntry(
-            runid=str(run_id),
+            runid=run_id,
             driver=self.driver,
             pipeline=str(event_dict.get("pipeline") or ""),
             timestamp=str(event_dict.get("timestamp", "")),
             message=render_message(event_dict),
         )
-        self._enqueue((str(run_id), encode(entry)))
-        return event_dict
+        return run_id, encode_log_entry(entry)
 
-    def _enqueue(self, item: tuple[str, bytes]) -> None:
+    def _enqueue(self, item: EventDict) -> None:
         if len(self._queue) >= self.max_queue:
             self._queue.popleft()
             self.dropped += 1
@@ -80,7 +88,6 @@ class NatsLogSink:
     def start(self, nc: Client) -> None:
         """Begin publishing on ``nc``; lines logged before this wait in the queue."""
         self._nc = nc
-        self._js = nc.jetstream()
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         self._task = asyncio.create_task(self._publish_forever(), name="nats-log-sink")
@@ -102,43 +109,68 @@ class NatsLogSink:
 
     async def _publish_forever(self) -> None:
         silence_bridge()
+        retry: list[tuple[str, bytes]] = []
         while True:
-            if not self._queue:
+            if not retry and not self._queue:
                 if self._closing:
                     return
                 await self._wake.wait()
                 self._wake.clear()
                 continue
-            batch = [self._queue.popleft() for _ in range(min(_BATCH, len(self._queue)))]
-            failed = await self._publish(batch)
-            if failed:
-                self._queue.extendleft(reversed(failed))
+            batch = retry or [
+                self._encode(self._queue.popleft()) for _ in range(min(_BATCH, len(self._queue)))
+            ]
+            retry = await self._publish(batch)
+            if retry:
                 if self._closing and self._nc is not None and self._nc.is_closed:
-                    self.dropped += len(self._queue)
+                    self.dropped += len(retry) + len(self._queue)
                     self._queue.clear()
                     return
                 await asyncio.sleep(_RETRY_DELAY)
 
     async def _publish(self, batch: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
-        """Publish a batch; return the entries whose storage was not acknowledged."""
-        assert self._nc is not None and self._js is not None
-        pending: list[tuple[tuple[str, bytes], asyncio.Future[Any]]] = []
+        """Publish a batch; return the entries whose storage was not acknowledged.
+
+        Acknowledgements come back on one wildcard inbox and are matched by a counter in
+        the reply subject: per line, two writes to the socket and one small callback, where
+        the client library's async publish adds a task and a JSON parse per line.
+        """
+        assert self._nc is not None
+        if self._ack_prefix is None:
+            self._ack_prefix = self._nc.new_inbox()
+            await self._nc.subscribe(f"{self._ack_prefix}.*", cb=self._on_ack)
+        self._awaiting = {}
+        self._failed = []
+        self._all_acked.clear()
         try:
             for item in batch:
                 run_id, body = item
+                self._sequence += 1
+                token = str(self._sequence)
+                self._awaiting[token] = item
                 await self._nc.publish(protocol.live_log_subject(run_id, self.driver), body)
-                future = await self._js.publish_async(protocol.log_subject(run_id), body)
-                pending.append((item, future))
+                await self._nc.publish(
+                    protocol.log_subject(run_id), body, reply=f"{self._ack_prefix}.{token}"
+                )
         except Exception:
-            for _, future in pending:
-                future.cancel()
+            self._awaiting = {}
             return batch
-        failed: list[tuple[str, bytes]] = []
-        done, _ = await asyncio.wait([f for _, f in pending], timeout=_ACK_TIMEOUT)
-        for item, future in pending:
-            if future in done and not future.cancelled() and future.exception() is None:
-                self.sent += 1
-            else:
-                future.cancel()
-                failed.append(item)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._all_acked.wait(), _ACK_TIMEOUT)
+        failed = self._failed + list(self._awaiting.values())
+        self._awaiting = {}
         return failed
+
+    async def _on_ack(self, msg: Msg) -> None:
+        item = self._awaiting.pop(msg.subject.rpartition(".")[2], None)
+        if item is None:
+            return
+        # A PubAck names the stream; an error, or "no responders" (no stream), does not.
+        if msg.data.startswith(b'{"stream"') or (
+            b'"seq"' in msg.data and b'"error"' not in msg.data
+        ):
+            self.sent += 1
+        else:
+            self._failed.append(item)
+        if not self._awaiting:
+            self._all_acked.set()

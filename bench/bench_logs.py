@@ -1,0 +1,142 @@
+"""Log benchmark: what one ``ctx.log.info`` costs a handler, and how fast Loki is fed.
+
+Both figures are taken in one run beside a baseline, so the ratio holds on a noisy machine:
+
+* the cost of one call on a run logger with the NATS and Loki sinks on (µs per call; the
+  shippers run between timed chunks, as they would between a handler's awaits), against a
+  plain structlog call rendering to the console (the same renderer, no sinks);
+* lines per second delivered to a Loki receiver in another process in a sustained run.
+
+Targets from issue 3: under 20 µs per call, at least 50,000 lines/s delivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import TextIO
+
+import aiohttp
+import structlog
+
+from conveyor_driver.embedded import EmbeddedNats, free_port
+from conveyor_driver.logs.chain import build_logger
+from conveyor_driver.logs.loki import LokiConfig, LokiSink
+from conveyor_driver.logs.nats import NatsLogSink
+from conveyor_driver.runtime.connection import connect
+
+CALLS = int(os.environ.get("BENCH_LOG_CALLS", "20000"))
+LINES = int(os.environ.get("BENCH_LOG_LINES", "200000"))
+ROUNDS = 3
+CHUNK = 500
+RUN_KEYS = {
+    "run_id": "0b7e0c52-6a53-4d4c-9d0e-2f8c1d7c9a11",
+    "message_id": "4f1d2e8a-1c2b-4a5d-8e7f-6a5b4c3d2e1f",
+    "event_name": "create",
+    "resource_type": "pipeline",
+    "resource_name": "my-app",
+    "pipeline": "build",
+}
+
+
+async def per_call_us(log: structlog.typing.FilteringBoundLogger) -> float:
+    """Median µs per call over chunks, yielding between chunks so the shippers keep up."""
+    samples = []
+    for start in range(0, CALLS, CHUNK):
+        began = time.perf_counter_ns()
+        for i in range(start, start + CHUNK):
+            log.info("step finished", step=i, repo="https://example.org/app.git")
+        samples.append((time.perf_counter_ns() - began) / CHUNK / 1000)
+        await asyncio.sleep(0)
+    return statistics.median(samples)
+
+
+async def delivered(session: aiohttp.ClientSession, port: int) -> int:
+    async with session.get(f"http://127.0.0.1:{port}/count") as response:
+        return int(await response.text())
+
+
+async def main(devnull: TextIO) -> None:
+    port = free_port()
+    receiver = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("_loki_counter.py")), str(port)]
+    )
+    try:
+        async with EmbeddedNats() as server, aiohttp.ClientSession() as session:
+            for _ in range(100):
+                try:
+                    await delivered(session, port)
+                    break
+                except aiohttp.ClientError:
+                    await asyncio.sleep(0.05)
+            baseline_log = build_logger(fmt="json", stream=devnull).bind(**RUN_KEYS)
+            nats_sink = NatsLogSink("bench")
+            loki_sink = LokiSink(
+                LokiConfig(url=f"http://127.0.0.1:{port}", max_queue=LINES * 2),
+                service_name="bench",
+                console=build_logger(stream=devnull),
+            )
+            log = build_logger(fmt="json", stream=devnull, sinks=[nats_sink, loki_sink]).bind(
+                driver="bench", **RUN_KEYS
+            )
+            nc = await connect([server.url], name="bench", log=baseline_log)
+            nats_sink.start(nc)
+            loki_sink.start()
+
+            base, full = [], []
+            for _ in range(ROUNDS):
+                base.append(await per_call_us(baseline_log))
+                full.append(await per_call_us(log))
+            base_us, full_us = statistics.median(base), statistics.median(full)
+
+            await _settle(session, port, ROUNDS * CALLS)
+            already = await delivered(session, port)
+            began = time.perf_counter()
+            for start in range(0, LINES, CHUNK):
+                for i in range(start, start + CHUNK):
+                    log.info("output line", stream="stdout", line=i)
+                await asyncio.sleep(0)
+            logged = time.perf_counter() - began
+            while await delivered(session, port) < already + LINES:
+                if time.perf_counter() - began > 120:
+                    break
+                await asyncio.sleep(0.01)
+            elapsed = time.perf_counter() - began
+            got = await delivered(session, port) - already
+            await loki_sink.close()
+            await nats_sink.close(timeout=60)
+            await nc.close()
+    finally:
+        receiver.terminate()
+        receiver.wait()
+    rate = got / elapsed
+    print("log benchmark (JSON console renderer to /dev/null in both)")
+    print(f"  plain structlog call (baseline):      {base_us:7.2f} µs/call")
+    print(
+        f"  ctx.log.info with NATS + Loki sinks:  {full_us:7.2f} µs/call"
+        f"   ratio {full_us / base_us:.2f}x   target < 20 µs: {'ok' if full_us < 20 else 'MISSED'}"
+    )
+    print(
+        f"  sustained: {got}/{LINES} lines delivered to Loki in {elapsed:.2f} s "
+        f"(logging took {logged:.2f} s): {rate:,.0f} lines/s   "
+        f"target >= 50,000: {'ok' if rate >= 50_000 else 'MISSED'}"
+    )
+
+
+async def _settle(session: aiohttp.ClientSession, port: int, expected: int) -> None:
+    """Wait until the per-call phase's lines have arrived, so they do not count later."""
+    deadline = time.perf_counter() + 60
+    while time.perf_counter() < deadline:
+        if await delivered(session, port) >= expected:
+            return
+        await asyncio.sleep(0.05)
+
+
+if __name__ == "__main__":
+    with Path(os.devnull).open("w") as sink:
+        asyncio.run(main(sink))
