@@ -27,5 +27,9 @@ class StreamMissingError(ConveyorDriverError):
     """The Conveyor streams do not exist: the server has not run against this NATS."""
 
 
+class ConsumerSetupError(ConveyorDriverError):
+    """JetStream refused or did not answer the consumer's creation."""
+
+
 class EmbeddedServerError(ConveyorDriverError):
     """The embedded nats-server could not be found or started."""

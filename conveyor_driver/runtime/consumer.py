@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING
 import orjson
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
 from structlog.typing import FilteringBoundLogger
 
 from .. import protocol
+from ..errors import ConsumerSetupError, StreamMissingError
 from ..models import DriverResult, PipelineEvent, encode
 from ..outcomes import Action, Outcome
 from .dispatcher import Delivery, Processed, Services, process
@@ -39,6 +40,7 @@ PULL_HEARTBEAT = 5.0
 #: A pull that heard nothing (no message, no heartbeat) for this long is presumed lost.
 PULL_SILENCE = 3 * PULL_HEARTBEAT
 _PUBLISH_TIMEOUT = 5.0
+_NO_JETSTREAM = "JetStream did not answer (is it enabled on this NATS server?)"
 _PUBLISH_ATTEMPTS = 5
 
 
@@ -83,15 +85,20 @@ class Consumer:
         config = protocol.consumer_config(
             self._driver.name, self._driver.resource_types, self._driver.ack_wait
         )
+        where = f"consumer {self._driver.name!r} on stream {protocol.MESSAGES_STREAM!r}"
         try:
             await self._js.add_consumer(protocol.MESSAGES_STREAM, config)
         except NotFoundError:
-            from ..errors import StreamMissingError
-
             raise StreamMissingError(
                 f"stream {protocol.MESSAGES_STREAM!r} does not exist on this NATS server: "
                 "start the Conveyor server first, or run with --embedded"
             ) from None
+        except APIError as exc:
+            if not isinstance(exc, ServiceUnavailableError) and exc.description:
+                raise ConsumerSetupError(f"cannot create {where}: {exc.description}") from None
+            raise ConsumerSetupError(f"cannot create {where}: {_NO_JETSTREAM}") from None
+        except (NatsError, TimeoutError):
+            raise ConsumerSetupError(f"cannot create {where}: {_NO_JETSTREAM}") from None
 
     async def start(self) -> None:
         self._inbox = self._nc.new_inbox()
