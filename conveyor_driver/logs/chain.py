@@ -19,6 +19,8 @@ import orjson
 import structlog
 from structlog.typing import FilteringBoundLogger, Processor
 
+from ..telemetry import add_trace_ids
+
 #: Keys the runtime binds on every run logger. Sinks that carry them in fields of their own
 #: (the NATS Log entry, Loki labels) leave them out of the rendered message.
 RUN_KEYS = frozenset(
@@ -50,6 +52,7 @@ def build_logger(
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.format_exc_info,
+        add_trace_ids,
         *sinks,
         renderer,
     ]
@@ -69,12 +72,15 @@ def render_message(event_dict: Mapping[str, Any]) -> str:
     if level not in (None, "info"):
         parts.append(f"level={level}")
     for key, value in event_dict.items():
-        if key in RUN_KEYS or key in ("event", "level", "timestamp", "exception"):
+        if key in RUN_KEYS or key in _NOT_IN_MESSAGE:
             continue
         parts.append(f"{key}={value}")
     text = " ".join(parts)
     exception = event_dict.get("exception")
     return f"{text}\n{exception}" if exception else text
+
+
+_NOT_IN_MESSAGE = frozenset({"event", "level", "timestamp", "exception", "trace_id", "span_id"})
 
 
 def _level_number(level: str) -> int:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from .. import protocol
 from ..models import LogEntry, encode_log_entry
+from ..telemetry import inject, span_context_from_ids
 from .chain import render_message
 from .stdlib import silence_bridge
 
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from structlog.typing import EventDict, WrappedLogger
 
 _BATCH = 256
+_Item = tuple[str, bytes, dict[str, str] | None]
 _ACK_TIMEOUT = 5.0
 _RETRY_DELAY = 1.0
 
@@ -51,8 +53,8 @@ class NatsLogSink:
         self._nc: Client | None = None
         self._ack_prefix: str | None = None
         self._sequence = 0
-        self._awaiting: dict[str, tuple[str, bytes]] = {}
-        self._failed: list[tuple[str, bytes]] = []
+        self._awaiting: dict[str, _Item] = {}
+        self._failed: list[_Item] = []
         self._all_acked = asyncio.Event()
         self._closing = False
 
@@ -61,9 +63,13 @@ class NatsLogSink:
             self._enqueue(dict(event_dict))
         return event_dict
 
-    def _encode(self, event_dict: EventDict) -> tuple[str, bytes]:
+    def _encode(self, event_dict: EventDict) -> _Item:
         """Render an entry in the publisher task, off the handler's path."""
         run_id = str(event_dict["run_id"])
+        headers = None
+        if "trace_id" in event_dict and "span_id" in event_dict:
+            span = span_context_from_ids(event_dict["trace_id"], event_dict["span_id"])
+            headers = inject({}, span)
         entry = LogEntry(
             runid=run_id,
             driver=self.driver,
@@ -71,7 +77,7 @@ class NatsLogSink:
             timestamp=str(event_dict.get("timestamp", "")),
             message=render_message(event_dict),
         )
-        return run_id, encode_log_entry(entry)
+        return run_id, encode_log_entry(entry), headers
 
     def _enqueue(self, item: EventDict) -> None:
         if len(self._queue) >= self.max_queue:
@@ -109,7 +115,7 @@ class NatsLogSink:
 
     async def _publish_forever(self) -> None:
         silence_bridge()
-        retry: list[tuple[str, bytes]] = []
+        retry: list[_Item] = []
         while True:
             if not retry and not self._queue:
                 if self._closing:
@@ -128,7 +134,7 @@ class NatsLogSink:
                     return
                 await asyncio.sleep(_RETRY_DELAY)
 
-    async def _publish(self, batch: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+    async def _publish(self, batch: list[_Item]) -> list[_Item]:
         """Publish a batch; return the entries whose storage was not acknowledged.
 
         Acknowledgements come back on one wildcard inbox and are matched by a counter in
@@ -144,13 +150,18 @@ class NatsLogSink:
         self._all_acked.clear()
         try:
             for item in batch:
-                run_id, body = item
+                run_id, body, headers = item
                 self._sequence += 1
                 token = str(self._sequence)
                 self._awaiting[token] = item
-                await self._nc.publish(protocol.live_log_subject(run_id, self.driver), body)
                 await self._nc.publish(
-                    protocol.log_subject(run_id), body, reply=f"{self._ack_prefix}.{token}"
+                    protocol.live_log_subject(run_id, self.driver), body, headers=headers
+                )
+                await self._nc.publish(
+                    protocol.log_subject(run_id),
+                    body,
+                    reply=f"{self._ack_prefix}.{token}",
+                    headers=headers,
                 )
         except Exception:
             self._awaiting = {}

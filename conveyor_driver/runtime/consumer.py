@@ -25,6 +25,7 @@ from .. import protocol
 from ..errors import ConsumerSetupError, StreamMissingError
 from ..models import DriverResult, PipelineEvent, encode
 from ..outcomes import Action, Outcome
+from ..telemetry import inject
 from .dispatcher import Delivery, Processed, Services, process
 
 if TYPE_CHECKING:
@@ -220,7 +221,7 @@ class Consumer:
     async def _handle(self, msg: Msg) -> None:
         try:
             metadata = msg.metadata
-            delivery = Delivery(msg.data, msg.subject, metadata.num_delivered or 1)
+            delivery = Delivery(msg.data, msg.subject, metadata.num_delivered or 1, msg.headers)
             processed = await process(self._driver, delivery, self._services)
             await self._settle(msg, processed, metadata.sequence.stream or 0)
         except asyncio.CancelledError:
@@ -258,6 +259,7 @@ class Consumer:
                     self._driver.name, stream_sequence
                 )
             }
+            inject(headers, processed.span_context)
             if not await self._publish_result(encode(event), headers):
                 self._log.error(
                     "result could not be published; the message will be redelivered",

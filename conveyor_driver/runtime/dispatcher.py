@@ -9,32 +9,47 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import time
+from collections.abc import Mapping
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING, Any
 
 import attrs
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode
 from structlog.typing import FilteringBoundLogger
 
-from .. import outcomes
+from .. import outcomes, protocol
 from ..context import Context
 from ..logs.stdlib import run_scope
 from ..models import DecodeError, DriverMessage, decode_driver_message
 from ..outcomes import Action, Kind, Outcome
+from ..telemetry import Telemetry, extract
 
 if TYPE_CHECKING:
     from ..api import ConveyorClient
     from ..app import Driver, Route
 
 _EXCERPT_BYTES = 200
+_ERROR_KINDS = frozenset({Kind.FAILURE, Kind.GAVE_UP, Kind.UNDECODABLE})
+_RUN_OUTCOMES = {
+    Kind.SUCCESS: "success",
+    Kind.FAILURE: "failure",
+    Kind.RETRY: "retry",
+    Kind.GAVE_UP: "terminated",
+    Kind.UNDECODABLE: "terminated",
+    Kind.UNROUTED: "terminated",
+    Kind.SHUTDOWN: "retry",
+}
 
 
 @attrs.frozen
 class Delivery:
-    """What the transport knows of a message: its body, subject and delivery count."""
+    """What the transport knows of a message: body, subject, delivery count, headers."""
 
     data: bytes
     subject: str
     attempt: int = 1
+    headers: Mapping[str, str] | None = None
 
 
 @attrs.frozen
@@ -43,6 +58,7 @@ class Processed:
 
     outcome: Outcome
     message: DriverMessage | None = None
+    span_context: SpanContext | None = None
 
 
 @attrs.frozen
@@ -52,10 +68,64 @@ class Services:
     log: FilteringBoundLogger
     api: ConveyorClient
     executor: Executor | None = None
+    telemetry: Telemetry = attrs.field(factory=Telemetry)
 
 
 async def process(driver: Driver, delivery: Delivery, services: Services) -> Processed:
-    """Decide what happens to ``delivery``; never raises for anything a handler does."""
+    """Decide what happens to ``delivery``; never raises for anything a handler does.
+
+    Each delivery is one CONSUMER span, child of the trace context the message carries, and
+    current while the handler runs, so the handler's logs, API calls and commands join it.
+    """
+    telemetry = services.telemetry
+    type_hint = protocol.resource_type_from_subject(delivery.subject) or "message"
+    started = time.perf_counter()
+    with telemetry.tracer.start_as_current_span(
+        f"process {type_hint}",
+        context=extract(delivery.headers),
+        kind=SpanKind.CONSUMER,
+        attributes={
+            "messaging.system": "nats",
+            "messaging.operation.type": "process",
+            "messaging.destination.name": delivery.subject,
+            "messaging.consumer.group.name": driver.name,
+            "conveyor.driver": driver.name,
+            "conveyor.attempt": delivery.attempt,
+        },
+        record_exception=False,
+        set_status_on_exception=False,
+    ) as span:
+        processed, error = await _decide(driver, delivery, services)
+        outcome, message = processed.outcome, processed.message
+        resource_type = message.payload.type if message else type_hint
+        if message is not None:
+            if resource_type != type_hint:
+                span.update_name(f"process {resource_type}")
+            span.set_attributes(
+                {
+                    "messaging.message.id": message.id,
+                    "conveyor.run_id": message.run_id,
+                    "conveyor.event": message.event,
+                    "conveyor.resource.type": resource_type,
+                    "conveyor.resource.name": message.payload.name,
+                }
+            )
+        span.set_attribute("conveyor.outcome", outcome.kind.value)
+        if error is not None and not isinstance(error, outcomes.Retry):
+            span.record_exception(error)
+            span.set_status(Status(StatusCode.ERROR, outcomes.describe(error)))
+        elif outcome.kind in _ERROR_KINDS:
+            text = outcome.result.message if outcome.result else outcome.kind.value
+            span.set_status(Status(StatusCode.ERROR, text))
+    labels = {"conveyor.resource.type": resource_type, "conveyor.outcome": outcome.kind.value}
+    telemetry.process_duration.record(time.perf_counter() - started, labels)
+    telemetry.runs.add(1, {"outcome": _RUN_OUTCOMES[outcome.kind]})
+    return attrs.evolve(processed, span_context=span.get_span_context())
+
+
+async def _decide(
+    driver: Driver, delivery: Delivery, services: Services
+) -> tuple[Processed, Exception | None]:
     try:
         message = decode_driver_message(delivery.data, delivery.subject)
     except DecodeError as exc:
@@ -67,7 +137,7 @@ async def process(driver: Driver, delivery: Delivery, services: Services) -> Pro
             size=len(delivery.data),
             excerpt=excerpt,
         )
-        return Processed(Outcome(Kind.UNDECODABLE, Action.TERM))
+        return Processed(Outcome(Kind.UNDECODABLE, Action.TERM)), None
 
     resource = message.payload
     log = services.log.bind(
@@ -84,14 +154,14 @@ async def process(driver: Driver, delivery: Delivery, services: Services) -> Pro
             "message terminated: no handler for this resource type and event",
             subject=delivery.subject,
         )
-        return Processed(Outcome(Kind.UNROUTED, Action.TERM), message)
+        return Processed(Outcome(Kind.UNROUTED, Action.TERM), message), None
 
     if delivery.attempt > driver.max_attempts:
         outcome = outcomes.gave_up(
             delivery.attempt - 1, "the handler never finished (the driver stopped mid-run)"
         )
         log.error("run gave up", attempt=delivery.attempt, reason=outcome.result)
-        return Processed(outcome, message)
+        return Processed(outcome, message), None
 
     ctx = Context(
         driver=driver.name,
@@ -105,6 +175,7 @@ async def process(driver: Driver, delivery: Delivery, services: Services) -> Pro
         api=services.api,
     )
     log.debug("run started", attempt=delivery.attempt, handler=route.name)
+    services.telemetry.inflight.add(1)
     try:
         with run_scope(log):
             value = await _call(route, ctx, services.executor)
@@ -113,10 +184,12 @@ async def process(driver: Driver, delivery: Delivery, services: Services) -> Pro
     except Exception as exc:
         outcome = outcomes.from_exception(exc, delivery.attempt, driver.max_attempts)
         _log_exception(log, exc, outcome, delivery.attempt, driver.max_attempts)
-        return Processed(outcome, message)
+        return Processed(outcome, message), exc
+    finally:
+        services.telemetry.inflight.add(-1)
     outcome = outcomes.from_return(value)
     _log_result(log, outcome)
-    return Processed(outcome, message)
+    return Processed(outcome, message), None
 
 
 async def _call(route: Route, ctx: Context, executor: Executor | None) -> Any:

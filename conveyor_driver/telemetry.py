@@ -1,0 +1,180 @@
+"""OpenTelemetry traces and metrics for every run, written against the API only.
+
+The library never configures the SDK by itself: with no SDK (or one the application set up)
+every call here goes to whatever providers are installed, which are no-ops by default.
+``conveyor-driver run`` installs the SDK from the standard ``OTEL_*`` variables when they
+are set (see :func:`configure_from_env`), which needs ``conveyor-driver[otel]``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from opentelemetry import metrics, propagate, trace
+from opentelemetry.context import Context as OtelContext
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+from structlog.typing import EventDict, WrappedLogger
+
+INSTRUMENTATION = "conveyor_driver"
+
+try:
+    _VERSION = version("conveyor-driver")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    _VERSION = "0"
+
+
+class Telemetry:
+    """The tracer and the instruments of one driver process.
+
+    Instruments are created once, from whatever meter provider is installed when the
+    driver starts; recording on the API's no-op instruments costs next to nothing.
+    """
+
+    def __init__(self) -> None:
+        self.tracer = trace.get_tracer(INSTRUMENTATION, _VERSION)
+        self._meter = metrics.get_meter(INSTRUMENTATION, _VERSION)
+        self.process_duration = self._meter.create_histogram(
+            "messaging.process.duration",
+            unit="s",
+            description="Time a handler took to process one message",
+        )
+        self.runs = self._meter.create_counter(
+            "conveyor.driver.runs", unit="{run}", description="Messages settled, by outcome"
+        )
+        self.inflight = self._meter.create_up_down_counter(
+            "conveyor.driver.inflight", unit="{run}", description="Handlers running now"
+        )
+        self.api_duration = self._meter.create_histogram(
+            "http.client.request.duration",
+            unit="s",
+            description="Duration of Conveyor API requests",
+        )
+
+    def observe_log_lines(self, read: Callable[[], Iterable[tuple[str, str, int]]]) -> None:
+        """Report ``conveyor.driver.log_lines`` from the sinks' own counts, by sink and status."""
+
+        def callback(_options: CallbackOptions) -> Iterable[Observation]:
+            return [
+                Observation(count, {"sink": sink, "status": status})
+                for sink, status, count in read()
+            ]
+
+        self._meter.create_observable_counter(
+            "conveyor.driver.log_lines",
+            callbacks=[callback],
+            unit="{line}",
+            description="Log lines shipped by the sinks, by sink and status (sent, dropped)",
+        )
+
+
+def extract(headers: Mapping[str, str] | None) -> OtelContext | None:
+    """The trace context a message carries, through the globally configured propagator."""
+    if not headers:
+        return None
+    return propagate.extract(headers)
+
+
+def inject(headers: dict[str, str], span_context: SpanContext | None) -> dict[str, str]:
+    """Add ``span_context`` to outgoing headers (a no-op when it is not valid)."""
+    if span_context is not None and span_context.is_valid:
+        propagate.inject(headers, context=trace.set_span_in_context(NonRecordingSpan(span_context)))
+    return headers
+
+
+def span_context_from_ids(trace_id: str, span_id: str) -> SpanContext:
+    """The span context a log entry was written in, from the ids the chain added to it."""
+    return SpanContext(
+        trace_id=int(trace_id, 16),
+        span_id=int(span_id, 16),
+        is_remote=False,
+        trace_flags=TraceFlags(TraceFlags.SAMPLED),
+    )
+
+
+def add_trace_ids(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+    """structlog processor: ``trace_id``/``span_id`` of the current span, when there is one."""
+    span_context = trace.get_current_span().get_span_context()
+    if span_context.is_valid:
+        event_dict["trace_id"] = format(span_context.trace_id, "032x")
+        event_dict["span_id"] = format(span_context.span_id, "016x")
+    return event_dict
+
+
+_OTLP_SWITCHES = (
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+)
+
+
+def configure_from_env(
+    service_name: str, *, prometheus: bool = False, environ: Mapping[str, str] | None = None
+) -> Callable[[], None] | None:
+    """Install the SDK when ``OTEL_*`` asks for export (or ``prometheus`` for /metrics).
+
+    Returns a function that flushes and shuts the installed providers down, or None when
+    nothing was installed: no OTLP endpoint configured and no /metrics wanted, the SDK not
+    installed, or the application set up its own providers (which it keeps).
+    """
+    env = os.environ if environ is None else environ
+    otlp = any(env.get(name) for name in _OTLP_SWITCHES)
+    if not otlp and not prometheus:
+        return None
+    try:
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    except ImportError:
+        return None
+    attributes = {} if env.get("OTEL_SERVICE_NAME") else {"service.name": service_name}
+    resource = Resource.create(attributes)
+    shutdowns: list[Callable[[], Any]] = []
+
+    if otlp and isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        tracer_provider = TracerProvider(resource=resource)
+        tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        trace.set_tracer_provider(tracer_provider)
+        shutdowns.append(tracer_provider.shutdown)
+
+    if _is_default_meter_provider():
+        readers: list[MetricReader] = []
+        if otlp:
+            from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+
+            readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
+        if prometheus:
+            try:
+                from opentelemetry.exporter.prometheus import PrometheusMetricReader
+            except ImportError:
+                pass
+            else:
+                readers.append(PrometheusMetricReader())
+        if readers:
+            meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+            metrics.set_meter_provider(meter_provider)
+            shutdowns.append(meter_provider.shutdown)
+
+    if not shutdowns:
+        return None
+
+    def shutdown() -> None:
+        for close in shutdowns:
+            close()
+
+    return shutdown
+
+
+def _is_default_meter_provider() -> bool:
+    """Whether no application installed a meter provider (only the API's stand-ins are set)."""
+    return type(metrics.get_meter_provider()).__name__ in (
+        "_ProxyMeterProvider",
+        "NoOpMeterProvider",
+    )
