@@ -31,6 +31,7 @@ from .settings import (
     Settings,
     parse_labels,
 )
+from .telemetry import configure_from_env
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -168,6 +169,13 @@ def _loki_options(command: F) -> F:
     default=None,
     help="JetStream storage of the embedded server (default: a temporary directory).",
 )
+@click.option(
+    "--http-port",
+    envvar="CONVEYOR_HTTP_PORT",
+    type=click.IntRange(1, 65535),
+    default=None,
+    help="Serve /healthz, /readyz and /metrics on this port (off by default).",
+)
 @_loki_options
 @_friendly_errors
 def run(app: str, **options: Any) -> None:
@@ -183,8 +191,14 @@ def run(app: str, **options: Any) -> None:
         embedded_port=options["embedded_port"],
         embedded_dir=options["embedded_dir"],
         loki=_loki_config(options),
+        http_port=options["http_port"],
     )
-    _run_async(driver.serve(settings))
+    shutdown_telemetry = configure_from_env(driver.name, prometheus=settings.http_port is not None)
+    try:
+        _run_async(driver.serve(settings))
+    finally:
+        if shutdown_telemetry is not None:
+            shutdown_telemetry()
 
 
 def _loki_config(options: dict[str, Any]) -> LokiConfig | None:
@@ -224,6 +238,52 @@ def routes(app: str) -> None:
         )
         for subject in protocol.filter_subjects(driver.name, route.resource_types):
             click.echo(f"    {subject}")
+
+
+@main.command()
+@click.argument("app", envvar="CONVEYOR_APP")
+@_nats_url
+@_friendly_errors
+def status(app: str, nats_url: str) -> None:
+    """Show APP's consumer as the server sees it: backlog, in flight, redeliveries."""
+    driver = load_driver(app)
+    _run_async(_status(driver.name, nats_url))
+
+
+async def _status(name: str, nats_url: str) -> None:
+    from nats.js.errors import NotFoundError
+
+    from .logs.chain import build_logger
+    from .runtime.connection import connect
+
+    nc = await connect(nats_url.split(","), name="conveyor-driver:status", log=build_logger())
+    try:
+        try:
+            info = await nc.jetstream().consumer_info(protocol.MESSAGES_STREAM, name)
+        except NotFoundError:
+            raise _NoResult(
+                f"consumer {name!r} not found on stream {protocol.MESSAGES_STREAM!r} "
+                "(has the driver run against this NATS, and does the stream exist?)"
+            ) from None
+    finally:
+        await nc.close()
+    config = info.config
+    rows = [
+        ("consumer", f"{name} on stream {protocol.MESSAGES_STREAM}"),
+        ("subjects", ", ".join(config.filter_subjects or [config.filter_subject or "-"])),
+        ("pending", f"{info.num_pending} waiting to be delivered"),
+        ("ack pending", f"{info.num_ack_pending} delivered, not yet acknowledged"),
+        ("redelivered", str(info.num_redelivered)),
+        ("waiting pulls", str(info.num_waiting)),
+        ("last delivery", _when(info.delivered.last_active if info.delivered else None)),
+        ("last ack", _when(info.ack_floor.last_active if info.ack_floor else None)),
+    ]
+    for label, value in rows:
+        click.echo(f"{label:>14}: {value}")
+
+
+def _when(moment: Any) -> str:
+    return moment.isoformat() if moment is not None else "never"
 
 
 @main.command()

@@ -55,6 +55,7 @@ class Settings:
     embedded_port: int | None = None
     embedded_dir: Path | None = None
     loki: LokiConfig | None = None
+    http_port: int | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -73,6 +74,8 @@ class Settings:
             values["log_format"] = env["CONVEYOR_LOG_FORMAT"].lower()
         if "CONVEYOR_EMBEDDED" in env:
             values["embedded"] = env["CONVEYOR_EMBEDDED"].lower() in ("1", "true", "yes", "on")
+        if env.get("CONVEYOR_HTTP_PORT"):
+            values["http_port"] = _int(env["CONVEYOR_HTTP_PORT"], "CONVEYOR_HTTP_PORT")
         if env.get("CONVEYOR_LOKI_URL"):
             values["loki"] = LokiConfig(
                 url=env["CONVEYOR_LOKI_URL"],

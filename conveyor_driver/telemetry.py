@@ -27,6 +27,11 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
     _VERSION = "0"
 
 
+#: A build takes from milliseconds (a no-op step) to an hour.
+_RUN_BUCKETS = [0.005, 0.025, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600]
+_HTTP_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]
+
+
 class Telemetry:
     """The tracer and the instruments of one driver process.
 
@@ -41,6 +46,7 @@ class Telemetry:
             "messaging.process.duration",
             unit="s",
             description="Time a handler took to process one message",
+            explicit_bucket_boundaries_advisory=_RUN_BUCKETS,
         )
         self.runs = self._meter.create_counter(
             "conveyor.driver.runs", unit="{run}", description="Messages settled, by outcome"
@@ -52,6 +58,7 @@ class Telemetry:
             "http.client.request.duration",
             unit="s",
             description="Duration of Conveyor API requests",
+            explicit_bucket_boundaries_advisory=_HTTP_BUCKETS,
         )
 
     def observe_log_lines(self, read: Callable[[], Iterable[tuple[str, str, int]]]) -> None:

@@ -75,6 +75,7 @@ class Consumer:
         self._inbox = ""
         self._tasks: list[asyncio.Task[None]] = []
         self.last_activity = time.monotonic()
+        self.last_loop = time.monotonic()
         self.handled = 0
 
     @property
@@ -144,7 +145,7 @@ class Consumer:
             self._wake.clear()
             if self._stopping:
                 return
-            now = time.monotonic()
+            now = self.last_loop = time.monotonic()
             if self._requested and now - self.last_activity > PULL_SILENCE:
                 self._log.warning(
                     "pull request went silent; asking again", requested=self._requested

@@ -22,9 +22,11 @@ from ..logs.loki import LokiSink
 from ..logs.nats import NatsLogSink
 from ..logs.stdlib import bridged
 from ..settings import Settings
+from ..telemetry import Telemetry
 from .connection import connect
 from .consumer import Consumer
 from .dispatcher import Services
+from .probes import DriverState, start_probes
 
 if TYPE_CHECKING:
     from structlog.typing import Processor
@@ -47,7 +49,24 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
     log = build_logger(level=settings.log_level, fmt=settings.log_format, sinks=sinks).bind(
         driver=driver.name
     )
+    telemetry = Telemetry()
+    telemetry.observe_log_lines(
+        lambda: [
+            ("nats", "sent", sink.sent),
+            ("nats", "dropped", sink.dropped),
+            *(
+                [("loki", "sent", loki.stats.shipped), ("loki", "dropped", loki.stats.dropped)]
+                if loki is not None
+                else []
+            ),
+        ]
+    )
+    state = DriverState()
     async with contextlib.AsyncExitStack() as stack:
+        if settings.http_port is not None:
+            runner = await start_probes(state, settings.http_port)
+            stack.push_async_callback(runner.cleanup)
+            log.info("probes listening", port=settings.http_port)
         if loki is not None:
             loki.start()
             stack.push_async_callback(loki.close)
@@ -73,6 +92,7 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
             urls, name=f"conveyor-driver:{driver.name}", log=log, on_reconnect=on_reconnect
         )
         stack.push_async_callback(_close, nc)
+        state.nc = nc
         api = ConveyorClient(settings.api_url)
         stack.push_async_callback(api.close)
         executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=driver.name)
@@ -81,7 +101,7 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
         consumer = Consumer(
             nc,
             driver,
-            Services(log=log, api=api, executor=executor),
+            Services(log=log, api=api, executor=executor, telemetry=telemetry),
             concurrency=concurrency,
             log=log,
         )
@@ -94,6 +114,7 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
         stop = asyncio.Event()
         _install_signal_handlers(stop)
         await consumer.start()
+        state.consumer = consumer
         log.info(
             "driver started",
             subjects=driver.subjects,
@@ -104,6 +125,7 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
             await stop.wait()
             log.info("shutting down")
         finally:
+            state.stopping = True
             _remove_signal_handlers()
             await consumer.stop(driver.grace_period)
             for hook in driver.shutdown_hooks:
