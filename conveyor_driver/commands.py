@@ -17,9 +17,12 @@ import time
 from collections.abc import Mapping, Sequence
 
 import attrs
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 from structlog.typing import FilteringBoundLogger
 
 from .outcomes import Fail
+from .telemetry import INSTRUMENTATION
 
 #: Bytes of each stream kept in the result (the log has every line).
 CAPTURE_LIMIT = 64 * 1024
@@ -54,8 +57,42 @@ async def run_command(
     """Run ``cmd`` (a shell string or an argv list), logging its lines as they come.
 
     ``env`` is added to the driver's environment rather than replacing it, so ``PATH``
-    stays. With ``check``, a non-zero exit or a timeout raises :class:`Fail`.
+    stays. With ``check``, a non-zero exit or a timeout raises :class:`Fail`. The command
+    is a child span of the run (named after the program, so names stay few).
     """
+    text = cmd if isinstance(cmd, str) else " ".join(cmd)
+    program = text.split(maxsplit=1)[0] if text.strip() else "command"
+    tracer = trace.get_tracer(INSTRUMENTATION)
+    with tracer.start_as_current_span(
+        f"run {os.path.basename(program)}",
+        attributes={"process.command_line": text},
+        record_exception=False,
+        set_status_on_exception=False,
+    ) as span:
+        result = await _run(log, cmd, cwd=cwd, env=env, timeout=timeout)
+        span.set_attribute("process.exit.code", result.exit_code)
+        if not result.ok:
+            span.set_status(Status(StatusCode.ERROR, "timed out" if result.timed_out else None))
+    if check and not result.ok:
+        if result.timed_out:
+            what = f"timed out after {timeout:g}s"
+        else:
+            what = f"exited with {result.exit_code}"
+        raise Fail(
+            f"command {what}",
+            data={"exit_code": result.exit_code, "stderr": result.stderr[-2000:]},
+        )
+    return result
+
+
+async def _run(
+    log: FilteringBoundLogger,
+    cmd: str | Sequence[str],
+    *,
+    cwd: str | os.PathLike[str] | None,
+    env: Mapping[str, str] | None,
+    timeout: float | None,
+) -> CommandResult:
     full_env = {**os.environ, **env} if env is not None else None
     started = time.monotonic()
     args: str | tuple[str, ...]
@@ -114,11 +151,6 @@ async def run_command(
         log.warning("command timed out; process group killed", timeout=timeout)
     else:
         log.info("command finished", exit_code=exit_code, duration=round(result.duration, 3))
-    if check and not result.ok:
-        what = f"timed out after {timeout:g}s" if timed_out else f"exited with {exit_code}"
-        raise Fail(
-            f"command {what}", data={"exit_code": exit_code, "stderr": result.stderr[-2000:]}
-        )
     return result
 
 
