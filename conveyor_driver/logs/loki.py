@@ -11,6 +11,7 @@ console only, never through the chain it ships, so a failing Loki cannot feed it
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import contextlib
 import gzip
@@ -145,11 +146,11 @@ class LokiSink:
             headers["X-Scope-OrgID"] = self.config.tenant
         if self.config.token:
             headers["Authorization"] = f"Bearer {self.config.token}"
-        auth = None
         if self.config.username is not None:
-            auth = aiohttp.BasicAuth(self.config.username, self.config.password or "")
+            pair = f"{self.config.username}:{self.config.password or ''}".encode()
+            headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
         timeout = aiohttp.ClientTimeout(total=self.config.timeout)
-        async with aiohttp.ClientSession(headers=headers, auth=auth, timeout=timeout) as session:
+        async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session:
             while True:
                 if not self._closing and len(self._queue) < self._wake_at:
                     # Let a batch gather for batch_wait unless it is already big enough.
