@@ -34,8 +34,10 @@ class Route:
     def name(self) -> str:
         return getattr(self.handler, "__qualname__", repr(self.handler))
 
-    @property
-    def is_async(self) -> bool:
+    is_async: bool = attrs.field(init=False)
+
+    @is_async.default
+    def _is_async(self) -> bool:
         return inspect.iscoroutinefunction(self.handler)
 
     def matches(self, resource_type: str, event: str) -> bool:

@@ -1,4 +1,4 @@
-"""The ``conveyor-driver`` command: run a driver, emit a test event, list routes.
+"""The ``conveyor-driver`` command: run a driver, emit a test event, list routes, follow logs.
 
 Every option can also be set with a ``CONVEYOR_<OPTION>`` environment variable. Mistakes a
 user can make (a bad app path, an unreachable NATS, a missing stream) print one line and
@@ -8,12 +8,13 @@ exit 1; ``--log-level debug`` adds the traceback.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import sys
 import traceback
 from collections.abc import Callable, Coroutine
 from functools import wraps
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 import orjson
@@ -33,6 +34,9 @@ from .settings import (
 )
 from .telemetry import configure_from_env
 
+if TYPE_CHECKING:
+    from .tls import TLSConfig
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 _nats_url = click.option(
@@ -42,6 +46,41 @@ _nats_url = click.option(
     show_default=True,
     help="NATS server URL(s), comma-separated.",
 )
+
+
+def _tls_options(command: F) -> F:
+    """The driver's identity on a secured Conveyor: mutual TLS to NATS, signed API calls."""
+    path = click.Path(dir_okay=False, path_type=Path)
+    options = [
+        click.option(
+            "--tls-cert",
+            envvar="CONVEYOR_TLS_CERT",
+            type=path,
+            help="PEM certificate chain of the driver, leaf first.",
+        ),
+        click.option(
+            "--tls-key",
+            envvar="CONVEYOR_TLS_KEY",
+            type=path,
+            help="PEM private key of the leaf certificate (RSA or EC).",
+        ),
+        click.option(
+            "--tls-ca",
+            envvar="CONVEYOR_TLS_CA",
+            type=path,
+            help="PEM CA certificate(s) the servers' certificates are checked against.",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _nats_tls(options: dict[str, Any]) -> ssl.SSLContext | None:
+    from .tls import load_tls
+
+    tls = load_tls(options["tls_cert"], options["tls_key"], options["tls_ca"])
+    return tls.ssl_context() if tls is not None else None
 
 
 def _friendly_errors(command: F) -> F:
@@ -177,6 +216,7 @@ def _loki_options(command: F) -> F:
     help="Serve /healthz, /readyz and /metrics on this port (off by default).",
 )
 @_loki_options
+@_tls_options
 @_friendly_errors
 def run(app: str, **options: Any) -> None:
     """Serve the driver APP (module:attr or path/to/file.py:attr) until SIGINT/SIGTERM."""
@@ -192,6 +232,9 @@ def run(app: str, **options: Any) -> None:
         embedded_dir=options["embedded_dir"],
         loki=_loki_config(options),
         http_port=options["http_port"],
+        tls_cert=options["tls_cert"],
+        tls_key=options["tls_key"],
+        tls_ca=options["tls_ca"],
     )
     shutdown_telemetry = configure_from_env(driver.name, prometheus=settings.http_port is not None)
     try:
@@ -243,20 +286,23 @@ def routes(app: str) -> None:
 @main.command()
 @click.argument("app", envvar="CONVEYOR_APP")
 @_nats_url
+@_tls_options
 @_friendly_errors
-def status(app: str, nats_url: str) -> None:
+def status(app: str, nats_url: str, **tls_options: Any) -> None:
     """Show APP's consumer as the server sees it: backlog, in flight, redeliveries."""
     driver = load_driver(app)
-    _run_async(_status(driver.name, nats_url))
+    _run_async(_status(driver.name, nats_url, _nats_tls(tls_options)))
 
 
-async def _status(name: str, nats_url: str) -> None:
+async def _status(name: str, nats_url: str, tls: ssl.SSLContext | None = None) -> None:
     from nats.js.errors import NotFoundError
 
     from .logs.chain import build_logger
     from .runtime.connection import connect
 
-    nc = await connect(nats_url.split(","), name="conveyor-driver:status", log=build_logger())
+    nc = await connect(
+        nats_url.split(","), name="conveyor-driver:status", log=build_logger(), tls=tls
+    )
     try:
         try:
             info = await nc.jetstream().consumer_info(protocol.MESSAGES_STREAM, name)
@@ -296,6 +342,7 @@ def _when(moment: Any) -> str:
 @click.option("--wait", is_flag=True, help="Print the result event of this run.")
 @click.option("--timeout", default=60.0, show_default=True, help="Seconds --wait waits.")
 @_nats_url
+@_tls_options
 @_friendly_errors
 def emit(
     resource_type: str,
@@ -307,6 +354,7 @@ def emit(
     wait: bool,
     timeout: float,
     nats_url: str,
+    **tls_options: Any,
 ) -> None:
     """Publish a RESOURCE_TYPE event for NAME exactly as the Conveyor server would."""
     try:
@@ -319,7 +367,8 @@ def emit(
     resource = resource_from_json(
         {"name": name, "resource": resource_type, "pipeline": pipeline, "spec": spec_value}
     )
-    _run_async(_emit(nats_url, resource, event, driver, wait, timeout))
+    nats_tls = _nats_tls(tls_options)
+    _run_async(_emit(nats_url, resource, event, driver, wait, timeout, nats_tls))
 
 
 async def _emit(
@@ -329,13 +378,14 @@ async def _emit(
     driver: str | None,
     wait: bool,
     timeout: float,
+    tls: ssl.SSLContext | None = None,
 ) -> None:
     from .emit import emit_event, watch_results
     from .logs.chain import build_logger
     from .runtime.connection import connect
 
     log = build_logger(level="warning")
-    nc = await connect(nats_url.split(","), name="conveyor-driver:emit", log=log)
+    nc = await connect(nats_url.split(","), name="conveyor-driver:emit", log=log, tls=tls)
     try:
         async with watch_results(nc) as watch:
             message = await emit_event(nc, resource, event=event, driver=driver)
@@ -358,6 +408,43 @@ async def _emit(
 
 
 class _NoResult(ConveyorDriverError):
+    pass
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--driver", help="Only this driver's lines (default: every driver of the run).")
+@click.option(
+    "--api-url",
+    envvar="CONVEYOR_API_URL",
+    default=DEFAULT_API_URL,
+    show_default=True,
+    help="Conveyor API server URL.",
+)
+@_tls_options
+@_friendly_errors
+def logs(run_id: str, driver: str | None, api_url: str, **tls_options: Any) -> None:
+    """Follow RUN_ID's log lines from the API server as they come, until it ends the stream."""
+    from .tls import load_tls
+
+    tls = load_tls(tls_options["tls_cert"], tls_options["tls_key"], tls_options["tls_ca"])
+    _run_async(_logs(Settings(api_url=api_url), tls, run_id, driver))
+
+
+async def _logs(settings: Settings, tls: TLSConfig | None, run_id: str, driver: str | None) -> None:
+    from .api import ConveyorAPIError, ConveyorClient
+
+    client = ConveyorClient.from_settings(settings, tls)
+    try:
+        async for entry in client.stream_logs(run_id, driver):
+            click.echo(f"{entry.timestamp} [{entry.driver}] {entry.message}")
+    except ConveyorAPIError as exc:
+        raise _APIFailed(str(exc)) from None
+    finally:
+        await client.close()
+
+
+class _APIFailed(ConveyorDriverError):
     pass
 
 

@@ -182,7 +182,9 @@ async def _pump(
             if not raw:
                 return
         except asyncio.LimitOverrunError as long_line:
-            raw = await stream.readexactly(long_line.consumed)
+            # Take one piece and leave the rest of the line for the next turn: a long line
+            # becomes several log lines, with nothing lost and no empty line invented.
+            raw = await stream.readexactly(min(long_line.consumed, _LINE_LIMIT))
         line = raw[:_LINE_LIMIT].decode(errors="replace").rstrip("\r\n")
         tail.add(line)
         log.info(line, stream=name)

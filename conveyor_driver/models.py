@@ -102,6 +102,38 @@ def _structure_resource(value: Any) -> Resource:
     return converter.structure(value, Resource)
 
 
+def resource_to_json(resource: Resource) -> dict[str, Any]:
+    """The server's JSON shape of a Resource (``pipeline`` left out when empty, as Go does)."""
+    body: dict[str, Any] = {
+        "id": resource.id,
+        "name": resource.name,
+        "resource": resource.type,
+        "metadata": resource.metadata,
+        "spec": resource.spec,
+    }
+    if resource.pipeline:
+        body["pipeline"] = resource.pipeline
+    return body
+
+
+def encode_result_event(event: PipelineEvent) -> bytes:
+    """A result event as JSON, on every message's path too; same shape as ``encode``."""
+    result = event.driverresult
+    return orjson.dumps(
+        {
+            "event": event.event,
+            "run_id": event.run_id,
+            "resource": resource_to_json(event.resource),
+            "driverresult": {
+                "success": result.success,
+                "message": result.message,
+                "data": result.data,
+                "driver": result.driver,
+            },
+        }
+    )
+
+
 def resource_from_json(value: Any) -> Resource:
     """A Resource from the server's JSON: an object, or an object encoded into a string."""
     try:

@@ -126,6 +126,21 @@ def server_streams() -> list[StreamConfig]:
     ]
 
 
+def parse_ack_subject(reply: str) -> tuple[int, int]:
+    """Delivery count and stream sequence from a JetStream message's reply subject.
+
+    ``$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>``,
+    or the newer form with a domain and an account hash after ``$JS.ACK``. Reading the two
+    numbers directly avoids building the client library's whole metadata object per message.
+    """
+    tokens = reply.split(".")
+    if len(tokens) == 9:
+        return int(tokens[4]), int(tokens[5])
+    if len(tokens) >= 11:
+        return int(tokens[6]), int(tokens[7])
+    raise ValueError(f"not a JetStream reply subject: {reply!r}")
+
+
 #: The pull request protocol of a JetStream consumer ($JS.API.CONSUMER.MSG.NEXT).
 def pull_request_subject(stream: str, consumer: str) -> str:
     return f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"

@@ -21,6 +21,7 @@ DEFAULT_NATS_URL = "nats://localhost:4222"
 DEFAULT_API_URL = "http://localhost:8080"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "console", "json")
+MAX_STATIC_LABELS = 12
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 
 
@@ -56,6 +57,11 @@ class Settings:
     embedded_dir: Path | None = None
     loki: LokiConfig | None = None
     http_port: int | None = None
+    #: The driver's identity on a secured Conveyor (PROTOCOL.md section 6): a PEM
+    #: certificate chain (leaf first), its private key, and the operator's CA.
+    tls_cert: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
+    tls_key: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
+    tls_ca: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -74,6 +80,13 @@ class Settings:
             values["log_format"] = env["CONVEYOR_LOG_FORMAT"].lower()
         if "CONVEYOR_EMBEDDED" in env:
             values["embedded"] = env["CONVEYOR_EMBEDDED"].lower() in ("1", "true", "yes", "on")
+        for variable, field in (
+            ("CONVEYOR_TLS_CERT", "tls_cert"),
+            ("CONVEYOR_TLS_KEY", "tls_key"),
+            ("CONVEYOR_TLS_CA", "tls_ca"),
+        ):
+            if env.get(variable):
+                values[field] = env[variable]
         if env.get("CONVEYOR_HTTP_PORT"):
             values["http_port"] = _int(env["CONVEYOR_HTTP_PORT"], "CONVEYOR_HTTP_PORT")
         if env.get("CONVEYOR_LOKI_URL"):
@@ -84,6 +97,11 @@ class Settings:
                 password=env.get("CONVEYOR_LOKI_PASSWORD") or None,
                 token=env.get("CONVEYOR_LOKI_TOKEN") or None,
                 labels=parse_labels(env.get("CONVEYOR_LOKI_LABEL", "").split()),
+                batch_wait=float(env.get("CONVEYOR_LOKI_BATCH_WAIT", "1.0")),
+                batch_bytes=_int(env.get("CONVEYOR_LOKI_BATCH_BYTES", "1048576"), "batch bytes"),
+                line_format=env.get("CONVEYOR_LOKI_FORMAT", "logfmt"),
+                structured_metadata=env.get("CONVEYOR_LOKI_STRUCTURED_METADATA", "true").lower()
+                not in ("0", "false", "no", "off"),
             )
         return cls(**values)  # type: ignore[arg-type]
 
@@ -98,6 +116,11 @@ def parse_labels(items: Sequence[str]) -> dict[str, str]:
                 f"Loki label {item!r} must be KEY=VALUE with KEY matching [a-zA-Z_][a-zA-Z0-9_]*"
             )
         labels[key] = value
+    if len(labels) > MAX_STATIC_LABELS:
+        raise ConfigurationError(
+            f"at most {MAX_STATIC_LABELS} static Loki labels: Loki refuses streams with more "
+            "than 15 labels, and the driver sets 3 of its own"
+        )
     return labels
 
 

@@ -61,6 +61,13 @@ class Telemetry:
             explicit_bucket_boundaries_advisory=_HTTP_BUCKETS,
         )
 
+    def enabled(self) -> bool:
+        """Whether an SDK is installed: without one, a run skips span and metric bookkeeping."""
+        return (
+            not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+            or not _is_default_meter_provider()
+        )
+
     def observe_log_lines(self, read: Callable[[], Iterable[tuple[str, str, int]]]) -> None:
         """Report ``conveyor.driver.log_lines`` from the sinks' own counts, by sink and status."""
 

@@ -23,7 +23,7 @@ from structlog.typing import FilteringBoundLogger
 
 from .. import protocol
 from ..errors import ConsumerSetupError, StreamMissingError
-from ..models import DriverResult, PipelineEvent, encode
+from ..models import DriverResult, PipelineEvent, encode_result_event
 from ..outcomes import Action, Outcome
 from ..telemetry import inject
 from .dispatcher import Delivery, Processed, Services, process
@@ -40,6 +40,8 @@ PULL_EXPIRES = 30.0
 PULL_HEARTBEAT = 5.0
 #: A pull that heard nothing (no message, no heartbeat) for this long is presumed lost.
 PULL_SILENCE = 3 * PULL_HEARTBEAT
+_PULL_EXPIRES_NS = int(PULL_EXPIRES * 1e9)
+_PULL_HEARTBEAT_NS = int(PULL_HEARTBEAT * 1e9)
 _PUBLISH_TIMEOUT = 5.0
 _NO_JETSTREAM = "JetStream did not answer (is it enabled on this NATS server?)"
 _PUBLISH_ATTEMPTS = 5
@@ -73,6 +75,7 @@ class Consumer:
         self._idle.set()
         self._sub: Subscription | None = None
         self._inbox = ""
+        self._pull_subject = protocol.pull_request_subject(protocol.MESSAGES_STREAM, driver.name)
         self._tasks: list[asyncio.Task[None]] = []
         self.last_activity = time.monotonic()
         self.last_loop = time.monotonic()
@@ -139,9 +142,15 @@ class Consumer:
             self._sub = None
 
     async def _pull_forever(self) -> None:
+        """Watch over pulling: ask again after a reconnect, a refusal or a silent request.
+
+        Finished runs ask for more themselves (see :meth:`_pull`); this loop wakes at least
+        every heartbeat, which is also what ``/healthz`` watches.
+        """
         while not self._stopping:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), PULL_HEARTBEAT)
+                async with asyncio.timeout(PULL_HEARTBEAT):
+                    await self._wake.wait()
             self._wake.clear()
             if self._stopping:
                 return
@@ -151,30 +160,35 @@ class Consumer:
                     "pull request went silent; asking again", requested=self._requested
                 )
                 self._requested = 0
-            want = self.concurrency - len(self._running) - self._requested
-            if want < self._threshold and not (want > 0 and self._requested == 0):
-                if not self._requested:
-                    self.last_activity = now
-                continue
-            request = {
-                "batch": want,
-                "expires": int(PULL_EXPIRES * 1e9),
-                "idle_heartbeat": int(PULL_HEARTBEAT * 1e9),
-            }
-            try:
-                await self._nc.publish(
-                    protocol.pull_request_subject(protocol.MESSAGES_STREAM, self._driver.name),
-                    orjson.dumps(request),
-                    reply=self._inbox,
-                )
-            except NatsError as exc:
-                self._log.debug("pull request not sent", error=str(exc))
-                await asyncio.sleep(1.0)
-                self._wake.set()
-                continue
             if not self._requested:
                 self.last_activity = now
-            self._requested += want
+            if not await self._pull():
+                await asyncio.sleep(1.0)
+                self._wake.set()
+
+    async def _pull(self) -> bool:
+        """Ask for as many messages as there are free slots not yet asked for.
+
+        Called by a run right after it settled, so the pull request leaves in the same
+        socket write as the ack. Small gaps wait until they are worth a request, unless
+        nothing at all is asked for. Returns False when the request could not be sent.
+        """
+        want = self.concurrency - len(self._running) - self._requested
+        if self._stopping or want <= 0 or (want < self._threshold and self._requested):
+            return True
+        self._requested += want
+        request = {
+            "batch": want,
+            "expires": _PULL_EXPIRES_NS,
+            "idle_heartbeat": _PULL_HEARTBEAT_NS,
+        }
+        try:
+            await self._nc.publish(self._pull_subject, orjson.dumps(request), reply=self._inbox)
+        except NatsError as exc:
+            self._requested -= want
+            self._log.debug("pull request not sent", error=str(exc))
+            return False
+        return True
 
     async def _on_message(self, msg: Msg) -> None:
         self.last_activity = time.monotonic()
@@ -221,10 +235,10 @@ class Consumer:
 
     async def _handle(self, msg: Msg) -> None:
         try:
-            metadata = msg.metadata
-            delivery = Delivery(msg.data, msg.subject, metadata.num_delivered or 1, msg.headers)
+            attempt, stream_sequence = protocol.parse_ack_subject(msg.reply)
+            delivery = Delivery(msg.data, msg.subject, attempt, msg.headers)
             processed = await process(self._driver, delivery, self._services)
-            await self._settle(msg, processed, metadata.sequence.stream or 0)
+            await self._settle(msg, processed, stream_sequence)
         except asyncio.CancelledError:
             await _quietly(msg.nak())
             self._log.info("run handed back for redelivery", subject=msg.subject)
@@ -238,7 +252,8 @@ class Consumer:
             self._touched.pop(task, None)  # type: ignore[arg-type]
             if not self._running:
                 self._idle.set()
-            self._wake.set()
+            if not await self._pull():
+                self._wake.set()
 
     async def _settle(self, msg: Msg, processed: Processed, stream_sequence: int) -> None:
         """Publish the result (and await its PubAck), and only then ack, nak or term."""
@@ -261,7 +276,7 @@ class Consumer:
                 )
             }
             inject(headers, processed.span_context)
-            if not await self._publish_result(encode(event), headers):
+            if not await self._publish_result(encode_result_event(event), headers):
                 self._log.error(
                     "result could not be published; the message will be redelivered",
                     run_id=message.run_id,

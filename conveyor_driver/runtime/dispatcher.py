@@ -15,6 +15,7 @@ from concurrent.futures import Executor
 from typing import TYPE_CHECKING, Any
 
 import attrs
+from opentelemetry import trace
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode
 from structlog.typing import FilteringBoundLogger
 
@@ -78,6 +79,12 @@ async def process(driver: Driver, delivery: Delivery, services: Services) -> Pro
     current while the handler runs, so the handler's logs, API calls and commands join it.
     """
     telemetry = services.telemetry
+    if not telemetry.enabled():
+        processed, _ = await _decide(driver, delivery, services)
+        if delivery.headers:  # no SDK: pass the caller's trace context through unchanged
+            parent = trace.get_current_span(extract(delivery.headers)).get_span_context()
+            return Processed(processed.outcome, processed.message, parent)
+        return processed
     type_hint = protocol.resource_type_from_subject(delivery.subject) or "message"
     started = time.perf_counter()
     with telemetry.tracer.start_as_current_span(
@@ -120,7 +127,7 @@ async def process(driver: Driver, delivery: Delivery, services: Services) -> Pro
     labels = {"conveyor.resource.type": resource_type, "conveyor.outcome": outcome.kind.value}
     telemetry.process_duration.record(time.perf_counter() - started, labels)
     telemetry.runs.add(1, {"outcome": _RUN_OUTCOMES[outcome.kind]})
-    return attrs.evolve(processed, span_context=span.get_span_context())
+    return Processed(outcome, message, span.get_span_context())
 
 
 async def _decide(
@@ -175,7 +182,8 @@ async def _decide(
         api=services.api,
     )
     log.debug("run started", attempt=delivery.attempt, handler=route.name)
-    services.telemetry.inflight.add(1)
+    inflight = services.telemetry.inflight
+    inflight.add(1)
     try:
         with run_scope(log):
             value = await _call(route, ctx, services.executor)
@@ -186,7 +194,7 @@ async def _decide(
         _log_exception(log, exc, outcome, delivery.attempt, driver.max_attempts)
         return Processed(outcome, message), exc
     finally:
-        services.telemetry.inflight.add(-1)
+        inflight.add(-1)
     outcome = outcomes.from_return(value)
     _log_result(log, outcome)
     return Processed(outcome, message), None

@@ -23,6 +23,7 @@ from ..logs.nats import NatsLogSink
 from ..logs.stdlib import bridged
 from ..settings import Settings
 from ..telemetry import Telemetry
+from ..tls import load_tls
 from .connection import connect
 from .consumer import Consumer
 from .dispatcher import Services
@@ -38,6 +39,9 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
     """Run ``driver`` until SIGINT/SIGTERM or until this coroutine is cancelled."""
     settings = settings or Settings.from_env()
     driver.check()
+    # Certificates are checked before anything starts: a wrong file is a one-line error.
+    tls = load_tls(settings.tls_cert, settings.tls_key, settings.tls_ca)
+    nats_tls = tls.ssl_context() if tls is not None else None
     concurrency = settings.concurrency or driver.concurrency
     sink = NatsLogSink(driver.name)
     sinks: list[Processor] = [sink]
@@ -89,11 +93,15 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
                 consumer.connection_restored()
 
         nc = await connect(
-            urls, name=f"conveyor-driver:{driver.name}", log=log, on_reconnect=on_reconnect
+            urls,
+            name=f"conveyor-driver:{driver.name}",
+            log=log,
+            on_reconnect=on_reconnect,
+            tls=nats_tls,
         )
         stack.push_async_callback(_close, nc)
         state.nc = nc
-        api = ConveyorClient(settings.api_url)
+        api = ConveyorClient.from_settings(settings, tls, log=log)
         stack.push_async_callback(api.close)
         executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=driver.name)
         stack.callback(executor.shutdown, wait=False, cancel_futures=True)

@@ -13,5 +13,6 @@ async def test_routing():
 
 from .dispatch import DispatchReport, dispatch
 from .fake import FakeContext
+from .fake_api import Call, FakeConveyorClient
 
-__all__ = ["DispatchReport", "FakeContext", "dispatch"]
+__all__ = ["Call", "DispatchReport", "FakeContext", "FakeConveyorClient", "dispatch"]

@@ -13,7 +13,7 @@ from .. import protocol
 from ..api import ConveyorClient
 from ..context import Context
 from ..models import Resource, resource_from_json
-from ..settings import DEFAULT_API_URL
+from .fake_api import FakeConveyorClient
 
 
 class LogRecorder:
@@ -45,7 +45,10 @@ def as_resource(resource: Resource | dict[str, Any]) -> Resource:
 
 @attrs.define(frozen=True, init=False)
 class FakeContext(Context):
-    """A Context for calling a handler directly in a test; ``ctx.logs`` holds its lines."""
+    """A Context for calling a handler directly in a test; ``ctx.logs`` holds its lines.
+
+    ``ctx.api`` is a :class:`FakeConveyorClient` unless another client is given.
+    """
 
     logs: list[dict[str, Any]] = attrs.field(factory=list, repr=False)
 
@@ -77,6 +80,6 @@ class FakeContext(Context):
             attempt=attempt,
             resource=res,
             log=log,
-            api=api or ConveyorClient(DEFAULT_API_URL),
+            api=api if api is not None else FakeConveyorClient(),
             logs=recorder.entries,
         )
