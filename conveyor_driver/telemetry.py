@@ -8,6 +8,7 @@ are set (see :func:`configure_from_env`), which needs ``conveyor-driver[otel]``.
 
 from __future__ import annotations
 
+import collections
 import os
 from collections.abc import Callable, Iterable, Mapping
 from importlib.metadata import PackageNotFoundError, version
@@ -48,11 +49,21 @@ class Telemetry:
             description="Time a handler took to process one message",
             explicit_bucket_boundaries_advisory=_RUN_BUCKETS,
         )
-        self.runs = self._meter.create_counter(
-            "conveyor.driver.runs", unit="{run}", description="Messages settled, by outcome"
+        # Counted in plain integers and reported when a reader collects: per message, an
+        # SDK instrument call costs as much as the rest of the dispatch bookkeeping.
+        self.running = 0
+        self._runs: collections.Counter[str] = collections.Counter()
+        self._meter.create_observable_counter(
+            "conveyor.driver.runs",
+            callbacks=[self._observe_runs],
+            unit="{run}",
+            description="Messages settled, by outcome (success, failure, retry, terminated)",
         )
-        self.inflight = self._meter.create_up_down_counter(
-            "conveyor.driver.inflight", unit="{run}", description="Handlers running now"
+        self._meter.create_observable_up_down_counter(
+            "conveyor.driver.inflight",
+            callbacks=[self._observe_running],
+            unit="{run}",
+            description="Handlers running now",
         )
         self.api_duration = self._meter.create_histogram(
             "http.client.request.duration",
@@ -60,6 +71,15 @@ class Telemetry:
             description="Duration of Conveyor API requests",
             explicit_bucket_boundaries_advisory=_HTTP_BUCKETS,
         )
+
+    def count_run(self, outcome: str) -> None:
+        self._runs[outcome] += 1
+
+    def _observe_runs(self, _options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(count, {"outcome": outcome}) for outcome, count in self._runs.items()]
+
+    def _observe_running(self, _options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(self.running)]
 
     def enabled(self) -> bool:
         """Whether an SDK is installed: without one, a run skips span and metric bookkeeping."""

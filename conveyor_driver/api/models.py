@@ -61,9 +61,9 @@ def _without_nulls(cls: type[Any]) -> None:
     structure = make_dict_structure_fn(cls, converter)
 
     def hook(value: Any, _type: Any) -> Any:
-        if isinstance(value, dict):
-            value = {key: item for key, item in value.items() if item is not None}
-        return structure(value, cls)
+        if not isinstance(value, dict):
+            raise TypeError(f"a JSON {type(value).__name__}, not an object")
+        return structure({key: item for key, item in value.items() if item is not None}, cls)
 
     converter.register_structure_hook(cls, hook)
 

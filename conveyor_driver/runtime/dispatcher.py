@@ -79,44 +79,44 @@ async def process(driver: Driver, delivery: Delivery, services: Services) -> Pro
     current while the handler runs, so the handler's logs, API calls and commands join it.
     """
     telemetry = services.telemetry
+    decoded = _decode(delivery, services.log)
     if not telemetry.enabled():
-        processed, _ = await _decide(driver, delivery, services)
+        processed, _ = await _decide(driver, delivery, decoded, services)
         if delivery.headers:  # no SDK: pass the caller's trace context through unchanged
             parent = trace.get_current_span(extract(delivery.headers)).get_span_context()
             return Processed(processed.outcome, processed.message, parent)
         return processed
-    type_hint = protocol.resource_type_from_subject(delivery.subject) or "message"
+    message = decoded if isinstance(decoded, DriverMessage) else None
+    resource_type = (
+        message.payload.type
+        if message is not None
+        else protocol.resource_type_from_subject(delivery.subject) or "message"
+    )
+    attributes: dict[str, str | int] = {
+        "messaging.system": "nats",
+        "messaging.operation.type": "process",
+        "messaging.destination.name": delivery.subject,
+        "messaging.consumer.group.name": driver.name,
+        "conveyor.driver": driver.name,
+        "conveyor.attempt": delivery.attempt,
+    }
+    if message is not None:
+        attributes["messaging.message.id"] = message.id
+        attributes["conveyor.run_id"] = message.run_id
+        attributes["conveyor.event"] = message.event
+        attributes["conveyor.resource.type"] = resource_type
+        attributes["conveyor.resource.name"] = message.payload.name
     started = time.perf_counter()
     with telemetry.tracer.start_as_current_span(
-        f"process {type_hint}",
+        f"process {resource_type}",
         context=extract(delivery.headers),
         kind=SpanKind.CONSUMER,
-        attributes={
-            "messaging.system": "nats",
-            "messaging.operation.type": "process",
-            "messaging.destination.name": delivery.subject,
-            "messaging.consumer.group.name": driver.name,
-            "conveyor.driver": driver.name,
-            "conveyor.attempt": delivery.attempt,
-        },
+        attributes=attributes,
         record_exception=False,
         set_status_on_exception=False,
     ) as span:
-        processed, error = await _decide(driver, delivery, services)
-        outcome, message = processed.outcome, processed.message
-        resource_type = message.payload.type if message else type_hint
-        if message is not None:
-            if resource_type != type_hint:
-                span.update_name(f"process {resource_type}")
-            span.set_attributes(
-                {
-                    "messaging.message.id": message.id,
-                    "conveyor.run_id": message.run_id,
-                    "conveyor.event": message.event,
-                    "conveyor.resource.type": resource_type,
-                    "conveyor.resource.name": message.payload.name,
-                }
-            )
+        processed, error = await _decide(driver, delivery, decoded, services)
+        outcome = processed.outcome
         span.set_attribute("conveyor.outcome", outcome.kind.value)
         if error is not None and not isinstance(error, outcomes.Retry):
             span.record_exception(error)
@@ -126,26 +126,34 @@ async def process(driver: Driver, delivery: Delivery, services: Services) -> Pro
             span.set_status(Status(StatusCode.ERROR, text))
     labels = {"conveyor.resource.type": resource_type, "conveyor.outcome": outcome.kind.value}
     telemetry.process_duration.record(time.perf_counter() - started, labels)
-    telemetry.runs.add(1, {"outcome": _RUN_OUTCOMES[outcome.kind]})
+    telemetry.count_run(_RUN_OUTCOMES[outcome.kind])
     return Processed(outcome, message, span.get_span_context())
 
 
-async def _decide(
-    driver: Driver, delivery: Delivery, services: Services
-) -> tuple[Processed, Exception | None]:
+def _decode(delivery: Delivery, log: FilteringBoundLogger) -> DriverMessage | Processed:
     try:
-        message = decode_driver_message(delivery.data, delivery.subject)
+        return decode_driver_message(delivery.data, delivery.subject)
     except DecodeError as exc:
         excerpt = delivery.data[:_EXCERPT_BYTES].decode("utf-8", errors="replace")
-        services.log.warning(
+        log.warning(
             "message terminated: not a DriverMessage",
             subject=delivery.subject,
             reason=str(exc),
             size=len(delivery.data),
             excerpt=excerpt,
         )
-        return Processed(Outcome(Kind.UNDECODABLE, Action.TERM)), None
+        return Processed(Outcome(Kind.UNDECODABLE, Action.TERM))
 
+
+async def _decide(
+    driver: Driver,
+    delivery: Delivery,
+    decoded: DriverMessage | Processed,
+    services: Services,
+) -> tuple[Processed, Exception | None]:
+    if isinstance(decoded, Processed):
+        return decoded, None
+    message = decoded
     resource = message.payload
     log = services.log.bind(
         run_id=message.run_id,
@@ -182,8 +190,8 @@ async def _decide(
         api=services.api,
     )
     log.debug("run started", attempt=delivery.attempt, handler=route.name)
-    inflight = services.telemetry.inflight
-    inflight.add(1)
+    telemetry = services.telemetry
+    telemetry.running += 1
     try:
         with run_scope(log):
             value = await _call(route, ctx, services.executor)
@@ -194,7 +202,7 @@ async def _decide(
         _log_exception(log, exc, outcome, delivery.attempt, driver.max_attempts)
         return Processed(outcome, message), exc
     finally:
-        inflight.add(-1)
+        telemetry.running -= 1
     outcome = outcomes.from_return(value)
     _log_result(log, outcome)
     return Processed(outcome, message), None

@@ -1,0 +1,109 @@
+"""Telemetry overhead: dispatch throughput at concurrency 64 with tracing and metrics on
+(the OpenTelemetry SDK with exporters that drop everything) against off, in one run.
+
+OpenTelemetry's global providers can be set once per process, so each measurement runs in
+a child process of its own (``--child on|off``), against one nats-server the parent keeps;
+rounds alternate which mode goes first. Target from issue 5: no more than 10% slower.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import nats
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_dispatch import make_events, measure, run_framework
+
+from conveyor_driver.embedded import EmbeddedNats
+
+N = int(os.environ.get("BENCH_N", "5000"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
+CONCURRENCY = 64
+TARGET = 0.90
+MODES = ("off", "on", "sampled")
+
+
+def install_sdk(ratio: float) -> None:
+    """The SDK as production runs it (batched spans, all sampled), exporting nowhere."""
+    from opentelemetry import metrics, trace
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+    class DropSpans(SpanExporter):
+        def export(self, spans: Sequence[object]) -> SpanExportResult:  # type: ignore[override]
+            return SpanExportResult.SUCCESS
+
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+    tracer_provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(ratio)))
+    tracer_provider.add_span_processor(BatchSpanProcessor(DropSpans()))
+    trace.set_tracer_provider(tracer_provider)
+    metrics.set_meter_provider(MeterProvider(metric_readers=[InMemoryMetricReader()]))
+
+
+async def child(mode: str, url: str, name: str) -> None:
+    if mode == "on":
+        install_sdk(1.0)
+    elif mode == "sampled":
+        install_sdk(0.1)
+    nc = await nats.connect(url)
+    try:
+        run = await measure(url, nc, run_framework, name, CONCURRENCY, make_events(N))
+    finally:
+        await nc.close()
+    print(f"{run.rate:.1f}")
+
+
+async def parent() -> None:
+    rates: dict[str, list[float]] = {mode: [] for mode in MODES}
+    async with EmbeddedNats() as server:
+        for round_ in range(ROUNDS + 1):
+            order = MODES if round_ % 2 else tuple(reversed(MODES))
+            for mode in order:
+                rate = await asyncio.to_thread(
+                    _child_rate, mode, server.url, f"otel-{mode}-{round_}"
+                )
+                if round_:  # round 0 warms the server up
+                    rates[mode].append(rate)
+                print(f"  round {round_} {mode:8}: {rate:8,.0f} msgs/s", flush=True)
+    off = statistics.median(rates["off"])
+    print(f"\ntelemetry overhead at concurrency {CONCURRENCY} ({N} events, median of {ROUNDS})")
+    print(f"  {'off (no SDK)':44} {off:8,.0f} msgs/s")
+    for mode, label in (
+        ("on", "on (SDK, every span recorded, metrics)"),
+        ("sampled", "sampled (SDK, 10% of traces recorded, metrics)"),
+    ):
+        rate = statistics.median(rates[mode])
+        ratio = rate / off
+        verdict = "ok" if ratio >= TARGET else "below target"
+        print(
+            f"  {label:44} {rate:8,.0f} msgs/s  ratio {ratio:.2f}"
+            f" ({(1 - ratio) * 100:.0f}% slower; target >= {TARGET}: {verdict})"
+        )
+
+
+def _child_rate(mode: str, url: str, name: str) -> float:
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", mode, url, name],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "--child":
+        asyncio.run(child(sys.argv[2], sys.argv[3], sys.argv[4]))
+    else:
+        asyncio.run(parent())
