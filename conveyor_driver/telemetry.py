@@ -8,15 +8,13 @@ are set (see :func:`configure_from_env`), which needs ``conveyor-driver[otel]``.
 
 from __future__ import annotations
 
-import collections
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from opentelemetry import metrics, propagate, trace
 from opentelemetry.context import Context as OtelContext
-from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 from structlog.typing import EventDict, WrappedLogger
 
@@ -49,21 +47,18 @@ class Telemetry:
             description="Time a handler took to process one message",
             explicit_bucket_boundaries_advisory=_RUN_BUCKETS,
         )
-        # Counted in plain integers and reported when a reader collects: per message, an
-        # SDK instrument call costs as much as the rest of the dispatch bookkeeping.
-        self.running = 0
-        self._runs: collections.Counter[str] = collections.Counter()
-        self._meter.create_observable_counter(
+        self.runs = self._meter.create_counter(
             "conveyor.driver.runs",
-            callbacks=[self._observe_runs],
             unit="{run}",
             description="Messages settled, by outcome (success, failure, retry, terminated)",
         )
-        self._meter.create_observable_up_down_counter(
-            "conveyor.driver.inflight",
-            callbacks=[self._observe_running],
-            unit="{run}",
-            description="Handlers running now",
+        self.inflight = self._meter.create_up_down_counter(
+            "conveyor.driver.inflight", unit="{run}", description="Handlers running now"
+        )
+        self.log_lines = self._meter.create_counter(
+            "conveyor.driver.log_lines",
+            unit="{line}",
+            description="Log lines handled by the sinks, by sink and status (sent, dropped)",
         )
         self.api_duration = self._meter.create_histogram(
             "http.client.request.duration",
@@ -73,35 +68,21 @@ class Telemetry:
         )
 
     def count_run(self, outcome: str) -> None:
-        self._runs[outcome] += 1
+        self.runs.add(1, {"outcome": outcome})
 
-    def _observe_runs(self, _options: CallbackOptions) -> Iterable[Observation]:
-        return [Observation(count, {"outcome": outcome}) for outcome, count in self._runs.items()]
+    def line_counter(self, sink: str) -> Callable[[str, int], None]:
+        """What a log sink calls, once per batch, with how many lines were sent or dropped."""
 
-    def _observe_running(self, _options: CallbackOptions) -> Iterable[Observation]:
-        return [Observation(self.running)]
+        def count(status: str, lines: int) -> None:
+            self.log_lines.add(lines, {"sink": sink, "status": status})
+
+        return count
 
     def enabled(self) -> bool:
         """Whether an SDK is installed: without one, a run skips span and metric bookkeeping."""
         return (
             not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
             or not _is_default_meter_provider()
-        )
-
-    def observe_log_lines(self, read: Callable[[], Iterable[tuple[str, str, int]]]) -> None:
-        """Report ``conveyor.driver.log_lines`` from the sinks' own counts, by sink and status."""
-
-        def callback(_options: CallbackOptions) -> Iterable[Observation]:
-            return [
-                Observation(count, {"sink": sink, "status": status})
-                for sink, status, count in read()
-            ]
-
-        self._meter.create_observable_counter(
-            "conveyor.driver.log_lines",
-            callbacks=[callback],
-            unit="{line}",
-            description="Log lines shipped by the sinks, by sink and status (sent, dropped)",
         )
 
 

@@ -13,6 +13,7 @@ not end up in a terminal, a log aggregator or a CI transcript.
 from __future__ import annotations
 
 import datetime
+import logging
 import ssl
 from pathlib import Path
 from typing import Any
@@ -260,6 +261,27 @@ class TLSOnlyClient(Client):
         if initial_connection and not info.get("tls_required") and not websocket_tls:
             raise PlaintextServerError
         await super()._process_info(info, initial_connection)
+
+
+class _QuietTLSEOF(logging.Filter):
+    """Drops asyncio's warning about nats-py's stream protocol over TLS.
+
+    nats-py reads through an ``asyncio.StreamReaderProtocol`` upgraded with ``start_tls``;
+    when a TLS peer closes, asyncio warns that the protocol's wish to stay half-open has
+    no effect. Nothing is wrong, and the line would otherwise follow every closed TLS
+    connection into the driver's log and the CLI's one-line errors.
+    """
+
+    MESSAGE = "returning true from eof_received() has no effect when using ssl"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != self.MESSAGE
+
+
+def quiet_tls_eof_warning() -> None:
+    logger = logging.getLogger("asyncio")
+    if not any(isinstance(existing, _QuietTLSEOF) for existing in logger.filters):
+        logger.addFilter(_QuietTLSEOF())
 
 
 def nats_tls_failure(exc: BaseException, urls: str, *, tls_configured: bool) -> str | None:

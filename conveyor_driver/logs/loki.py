@@ -18,7 +18,7 @@ import gzip
 import random
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -89,10 +89,13 @@ class LokiSink:
         *,
         service_name: str,
         console: FilteringBoundLogger | None = None,
+        on_lines: Callable[[str, int], None] | None = None,
     ) -> None:
         self.config = config
         self.service_name = service_name
         self.stats = LokiStats()
+        self._on_lines = on_lines
+        self._reported = {"sent": 0, "dropped": 0}
         self._queue: collections.deque[tuple[int, dict[str, Any]]] = collections.deque()
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -116,6 +119,9 @@ class LokiSink:
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._task = asyncio.create_task(self._ship_forever(), name="loki-shipper")
+        if self._on_lines is not None:  # both series exist from the start, at zero
+            self._on_lines("sent", 0)
+            self._on_lines("dropped", 0)
 
     async def close(self) -> None:
         """Flush within ``flush_timeout``, then report what was shipped, retried, dropped."""
@@ -132,12 +138,22 @@ class LokiSink:
         self.stats.dropped += len(self._queue)
         self._queue.clear()
         self._task = None
+        self._report()
         self._console.info(
             "loki shipping finished",
             shipped=self.stats.shipped,
             retried=self.stats.retried,
             dropped=self.stats.dropped,
         )
+
+    def _report(self) -> None:
+        """Hand the counts since the last report to the metrics (once a batch, not a line)."""
+        if self._on_lines is None:
+            return
+        for status, total in (("sent", self.stats.shipped), ("dropped", self.stats.dropped)):
+            if total > self._reported[status]:
+                self._on_lines(status, total - self._reported[status])
+                self._reported[status] = total
 
     async def _ship_forever(self) -> None:
         silence_bridge()
@@ -165,6 +181,7 @@ class LokiSink:
                     body, self._in_flight = self._take_batch()
                     await self._push(session, body, self._in_flight)
                     self._in_flight = 0
+                    self._report()
 
     def _take_batch(self) -> tuple[bytes, int]:
         """Encode queued entries, oldest first, into one push body of about batch_bytes."""

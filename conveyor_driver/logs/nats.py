@@ -13,6 +13,7 @@ import asyncio
 import collections
 import contextlib
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .. import protocol
@@ -40,8 +41,16 @@ class NatsLogSink:
     oldest lines are dropped and counted rather than growing without limit.
     """
 
-    def __init__(self, driver: str, *, max_queue: int = 100_000) -> None:
+    def __init__(
+        self,
+        driver: str,
+        *,
+        max_queue: int = 100_000,
+        on_lines: Callable[[str, int], None] | None = None,
+    ) -> None:
         self.driver = driver
+        self._on_lines = on_lines
+        self._reported = {"sent": 0, "dropped": 0}
         self.max_queue = max_queue
         self.sent = 0
         self.dropped = 0
@@ -97,6 +106,9 @@ class NatsLogSink:
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         self._task = asyncio.create_task(self._publish_forever(), name="nats-log-sink")
+        if self._on_lines is not None:  # both series exist from the start, at zero
+            self._on_lines("sent", 0)
+            self._on_lines("dropped", 0)
         if self._queue:
             self._wake.set()
 
@@ -113,10 +125,26 @@ class NatsLogSink:
             self.dropped += len(self._queue)
             self._queue.clear()
 
+    def _report(self) -> None:
+        """Hand the counts since the last report to the metrics (once a batch, not a line)."""
+        if self._on_lines is None:
+            return
+        for status, total in (("sent", self.sent), ("dropped", self.dropped)):
+            if total > self._reported[status]:
+                self._on_lines(status, total - self._reported[status])
+                self._reported[status] = total
+
     async def _publish_forever(self) -> None:
         silence_bridge()
+        try:
+            await self._publish_all()
+        finally:
+            self._report()
+
+    async def _publish_all(self) -> None:
         retry: list[_Item] = []
         while True:
+            self._report()
             if not retry and not self._queue:
                 if self._closing:
                     return

@@ -12,7 +12,7 @@ from nats.aio.client import Client
 from structlog.typing import FilteringBoundLogger
 
 from ..errors import NatsUnavailableError
-from ..tls import TLSOnlyClient, nats_tls_failure
+from ..tls import TLSOnlyClient, nats_tls_failure, quiet_tls_eof_warning
 
 #: Tries per server before start-up gives up with a clear error (then it is forever).
 _INITIAL_TRIES = 3
@@ -36,6 +36,7 @@ async def connect(
     context's CA; a TLS failure ends start-up at once with its reason, since no retry cures
     a wrong certificate.
     """
+    quiet_tls_eof_warning()
     connected = False
     where = ", ".join(urls)
     failures: list[BaseException] = []

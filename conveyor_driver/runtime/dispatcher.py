@@ -190,8 +190,8 @@ async def _decide(
         api=services.api,
     )
     log.debug("run started", attempt=delivery.attempt, handler=route.name)
-    telemetry = services.telemetry
-    telemetry.running += 1
+    inflight = services.telemetry.inflight
+    inflight.add(1)
     try:
         with run_scope(log):
             value = await _call(route, ctx, services.executor)
@@ -202,7 +202,7 @@ async def _decide(
         _log_exception(log, exc, outcome, delivery.attempt, driver.max_attempts)
         return Processed(outcome, message), exc
     finally:
-        telemetry.running -= 1
+        inflight.add(-1)
     outcome = outcomes.from_return(value)
     _log_result(log, outcome)
     return Processed(outcome, message), None

@@ -43,27 +43,21 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
     tls = load_tls(settings.tls_cert, settings.tls_key, settings.tls_ca)
     nats_tls = tls.ssl_context() if tls is not None else None
     concurrency = settings.concurrency or driver.concurrency
-    sink = NatsLogSink(driver.name)
+    telemetry = Telemetry()
+    sink = NatsLogSink(driver.name, on_lines=telemetry.line_counter("nats"))
     sinks: list[Processor] = [sink]
     loki: LokiSink | None = None
     if settings.loki is not None:
         console = build_logger(level=settings.log_level, fmt=settings.log_format)
-        loki = LokiSink(settings.loki, service_name=driver.name, console=console)
+        loki = LokiSink(
+            settings.loki,
+            service_name=driver.name,
+            console=console,
+            on_lines=telemetry.line_counter("loki"),
+        )
         sinks.append(loki)
     log = build_logger(level=settings.log_level, fmt=settings.log_format, sinks=sinks).bind(
         driver=driver.name
-    )
-    telemetry = Telemetry()
-    telemetry.observe_log_lines(
-        lambda: [
-            ("nats", "sent", sink.sent),
-            ("nats", "dropped", sink.dropped),
-            *(
-                [("loki", "sent", loki.stats.shipped), ("loki", "dropped", loki.stats.dropped)]
-                if loki is not None
-                else []
-            ),
-        ]
     )
     state = DriverState()
     async with contextlib.AsyncExitStack() as stack:
