@@ -1,0 +1,143 @@
+"""The OpenTelemetry SDK, recording in memory, for the telemetry tests.
+
+OpenTelemetry lets a process set its global tracer and meter providers only once, and the
+whole suite shares one pytest process: :func:`install` sets them on first use and hands the
+same recorder to every later caller. Tracing is switched on only while a test holds
+:meth:`Recorder.tracing`: a recording tracer gives every run a trace id, which would show in
+the log lines and headers other test modules compare exactly, in whatever order they run.
+Switched off, spans come from the API's no-op tracer, so the runs of other modules (which
+send no trace context) log and publish exactly what they would with no SDK. Metrics always
+record; nothing outside the reader sees them.
+
+Counters and histograms are read as deltas, so each :meth:`Recorder.metrics` call returns
+what was recorded since the previous one, whichever test recorded before; the in-flight
+up-down counter stays cumulative, because its point is the current level.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import attrs
+from opentelemetry import metrics, trace
+from opentelemetry.sdk.metrics import Counter, Histogram, MeterProvider
+from opentelemetry.sdk.metrics.export import (
+    AggregationTemporality,
+    InMemoryMetricReader,
+    Metric,
+)
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+_NO_OP = trace.NoOpTracer()
+
+
+class _SwitchedTracerProvider(trace.TracerProvider):
+    """The SDK provider while ``on``; the API's no-op tracer otherwise."""
+
+    def __init__(self, sdk: TracerProvider) -> None:
+        self.sdk = sdk
+        self.on = False
+
+    def get_tracer(self, *args: Any, **kwargs: Any) -> trace.Tracer:
+        return _SwitchedTracer(self, self.sdk.get_tracer(*args, **kwargs))
+
+
+class _SwitchedTracer(trace.Tracer):
+    # Callers keep their tracer for the life of a driver, so the switch is read per span.
+    def __init__(self, provider: _SwitchedTracerProvider, tracer: trace.Tracer) -> None:
+        self._provider = provider
+        self._tracer = tracer
+
+    def _current(self) -> trace.Tracer:
+        return self._tracer if self._provider.on else _NO_OP
+
+    def start_span(self, *args: Any, **kwargs: Any) -> trace.Span:
+        return self._current().start_span(*args, **kwargs)
+
+    def start_as_current_span(self, *args: Any, **kwargs: Any) -> Any:
+        return self._current().start_as_current_span(*args, **kwargs)
+
+
+@attrs.frozen
+class Point:
+    """One data point of a metric: its attributes, its value (a histogram's sum) and count."""
+
+    attributes: Mapping[str, Any]
+    value: float
+    count: int | None = None
+
+
+@attrs.define
+class Recorder:
+    """The in-memory exporter and reader behind the process's global providers."""
+
+    exporter: InMemorySpanExporter
+    reader: InMemoryMetricReader
+    provider: _SwitchedTracerProvider
+
+    @contextlib.contextmanager
+    def tracing(self) -> Iterator[Recorder]:
+        """Record spans for the block, starting from no spans and no metric deltas."""
+        self.exporter.clear()
+        self.reader.get_metrics_data()
+        self.provider.on = True
+        try:
+            yield self
+        finally:
+            self.provider.on = False
+
+    def spans(self, name: str | None = None) -> list[ReadableSpan]:
+        return [
+            span for span in self.exporter.get_finished_spans() if name is None or span.name == name
+        ]
+
+    def metrics(self) -> dict[str, list[Point]]:
+        """Data points by metric name: counters and histograms since the previous call."""
+        data = self.reader.get_metrics_data()
+        found: dict[str, list[Point]] = {}
+        if data is None:
+            return found
+        for metric in _metrics(data.resource_metrics):
+            points = found.setdefault(metric.name, [])
+            for point in metric.data.data_points:
+                attributes = dict(point.attributes or {})
+                if hasattr(point, "bucket_counts"):
+                    points.append(Point(attributes, point.sum, point.count))
+                else:
+                    points.append(Point(attributes, point.value))
+        return found
+
+
+def _metrics(resource_metrics: Any) -> Iterator[Metric]:
+    for resource in resource_metrics:
+        for scope in resource.scope_metrics:
+            yield from scope.metrics
+
+
+_recorder: Recorder | None = None
+
+
+def install() -> Recorder:
+    """Set the providers once for the process; the same recorder afterwards."""
+    global _recorder
+    if _recorder is None:
+        exporter = InMemorySpanExporter()
+        sdk = TracerProvider()
+        sdk.add_span_processor(SimpleSpanProcessor(exporter))
+        provider = _SwitchedTracerProvider(sdk)
+        trace.set_tracer_provider(provider)
+        reader = InMemoryMetricReader(
+            preferred_temporality={
+                Counter: AggregationTemporality.DELTA,
+                Histogram: AggregationTemporality.DELTA,
+            }
+        )
+        metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+        # Providers set earlier by someone else would leave ours silently unused.
+        assert trace.get_tracer_provider() is provider, "a tracer provider was set before"
+        _recorder = Recorder(exporter, reader, provider)
+    return _recorder
