@@ -95,26 +95,25 @@ async def main(devnull: TextIO) -> None:
             base_us, full_us = statistics.median(base), statistics.median(full)
 
             await _settle(session, port, ROUNDS * CALLS)
-            already = await delivered(session, port)
-            began = time.perf_counter()
-            for start in range(0, LINES, CHUNK):
-                for i in range(start, start + CHUNK):
-                    log.info("output line", stream="stdout", line=i)
-                await asyncio.sleep(0)
-            logged = time.perf_counter() - began
-            while await delivered(session, port) < already + LINES:
-                if time.perf_counter() - began > 120:
-                    break
-                await asyncio.sleep(0.01)
-            elapsed = time.perf_counter() - began
-            got = await delivered(session, port) - already
+            both = await sustained(log, session, port)
             await loki_sink.close()
             await nats_sink.close(timeout=60)
             await nc.close()
+
+            loki_only_sink = LokiSink(
+                LokiConfig(url=f"http://127.0.0.1:{port}", max_queue=LINES * 2),
+                service_name="bench",
+                console=build_logger(stream=devnull),
+            )
+            loki_only = build_logger(fmt="json", stream=devnull, sinks=[loki_only_sink]).bind(
+                driver="bench", **RUN_KEYS
+            )
+            loki_only_sink.start()
+            alone = await sustained(loki_only, session, port)
+            await loki_only_sink.close()
     finally:
         receiver.terminate()
         receiver.wait()
-    rate = got / elapsed
     print("log benchmark (JSON console renderer to /dev/null in both)")
     print(f"  plain structlog call (baseline):      {base_us:7.2f} µs/call")
     print(
@@ -122,10 +121,32 @@ async def main(devnull: TextIO) -> None:
         f"   ratio {full_us / base_us:.2f}x   target < 20 µs: {'ok' if full_us < 20 else 'MISSED'}"
     )
     print(
-        f"  sustained: {got}/{LINES} lines delivered to Loki in {elapsed:.2f} s "
-        f"(logging took {logged:.2f} s): {rate:,.0f} lines/s   "
-        f"target >= 50,000: {'ok' if rate >= 50_000 else 'MISSED'}"
+        f"  sustained, {LINES} lines logged as fast as a handler can (baseline: "
+        f"{1e6 / base_us:,.0f} plain calls/s):"
     )
+    for label, (got, elapsed) in (("console + NATS + Loki", both), ("console + Loki", alone)):
+        rate = got / elapsed
+        print(
+            f"    {label:22} {got}/{LINES} delivered to Loki in {elapsed:5.2f} s: "
+            f"{rate:8,.0f} lines/s   target >= 50,000: {'ok' if rate >= 50_000 else 'MISSED'}"
+        )
+
+
+async def sustained(
+    log: structlog.typing.FilteringBoundLogger, session: aiohttp.ClientSession, port: int
+) -> tuple[int, float]:
+    """Log LINES lines, yielding between chunks; time until the receiver has them all."""
+    already = await delivered(session, port)
+    began = time.perf_counter()
+    for start in range(0, LINES, CHUNK):
+        for i in range(start, start + CHUNK):
+            log.info("output line", stream="stdout", line=i)
+        await asyncio.sleep(0)
+    while time.perf_counter() - began < 120:
+        if await delivered(session, port) >= already + LINES:
+            break
+        await asyncio.sleep(0.01)
+    return await delivered(session, port) - already, time.perf_counter() - began
 
 
 async def _settle(session: aiohttp.ClientSession, port: int, expected: int) -> None:

@@ -240,10 +240,22 @@ def _ssl_reason(exc: BaseException) -> str:
 
 
 class PlaintextServerError(NatsError):
-    """The server offered no TLS although the driver was configured for it."""
+    """The server does not require TLS although the driver was configured for it.
+
+    ``optional`` when it offers TLS beside plaintext (``allow_non_tls``): nats-py has no
+    way to ask for it, so such a server is refused too.
+    """
+
+    def __init__(self, optional: bool = False) -> None:
+        super().__init__()
+        self.optional = optional
 
     def __str__(self) -> str:
-        return "the server does not use TLS"
+        return (
+            "the server offers TLS only as an option"
+            if self.optional
+            else ("the server does not use TLS")
+        )
 
 
 class TLSOnlyClient(Client):
@@ -259,7 +271,7 @@ class TLSOnlyClient(Client):
         server = self._current_server
         websocket_tls = server is not None and server.uri.scheme == "wss"
         if initial_connection and not info.get("tls_required") and not websocket_tls:
-            raise PlaintextServerError
+            raise PlaintextServerError(optional=bool(info.get("tls_available")))
         await super()._process_info(info, initial_connection)
 
 
@@ -290,6 +302,11 @@ def nats_tls_failure(exc: BaseException, urls: str, *, tls_configured: bool) -> 
     None for anything else (a refused connection, a timeout), which start-up retries.
     """
     if isinstance(exc, PlaintextServerError):
+        if exc.optional:
+            return (
+                f"NATS at {urls} accepts plaintext beside TLS (allow_non_tls), and this client "
+                "cannot insist on TLS there: configure the server to require TLS"
+            )
         return (
             f"NATS at {urls} does not use TLS, but a TLS identity or CA is configured: "
             "refusing to connect in plaintext"

@@ -389,7 +389,8 @@ class ConveyorClient:
                 )
             except (aiohttp.ClientConnectionError, TimeoutError) as exc:
                 reason = _describe(exc, self.timeout)
-                if attempt < tries:
+                # A certificate that fails verification fails the same way next time.
+                if attempt < tries and not isinstance(exc, aiohttp.ClientSSLError):
                     await self._pause(method, path, attempt, reason)
                     continue
                 raise APIUnavailable(method, path, _after(reason, attempt)) from None

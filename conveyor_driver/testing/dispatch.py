@@ -13,8 +13,8 @@ from ..app import Driver
 from ..models import DriverMessage, Resource, encode_driver_message
 from ..outcomes import Result
 from ..runtime.dispatcher import Delivery, Services, process
-from ..settings import DEFAULT_API_URL
 from .fake import LogRecorder, as_resource
+from .fake_api import FakeConveyorClient
 
 
 @attrs.frozen
@@ -49,7 +49,7 @@ async def dispatch(
     recorder = LogRecorder()
     services = Services(
         log=recorder.logger().bind(driver=driver.name),
-        api=api or ConveyorClient(DEFAULT_API_URL),
+        api=api if api is not None else FakeConveyorClient(),
     )
     delivery = Delivery(
         data=encode_driver_message(message),
