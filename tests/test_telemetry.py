@@ -427,12 +427,6 @@ async def test_a_command_is_a_child_span_and_its_lines_carry_it(
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="issue 5: ctx.api requests are not yet CLIENT spans, inject no traceparent and "
-    "record no http.client.request.duration",
-)
 async def test_an_api_request_is_a_client_span_whose_context_goes_in_its_headers(
     otel: Recorder, nats_server: EmbeddedNats, nats_client: Client
 ) -> None:

@@ -13,6 +13,7 @@ import asyncio
 import random
 import re
 import ssl
+import time
 from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote
@@ -20,6 +21,8 @@ from urllib.parse import quote
 import aiohttp
 import orjson
 from cattrs import ClassValidationError
+from opentelemetry import propagate
+from opentelemetry.trace import SpanKind, Status, StatusCode
 from structlog.typing import FilteringBoundLogger
 from yarl import URL
 
@@ -33,6 +36,7 @@ from ..models import (
     encode_driver_message,
     resource_from_json,
 )
+from ..telemetry import Telemetry
 from .auth import CertificateAuth
 from .models import Pipeline, ResourceCreated, ResourceDefinition, log_entry
 
@@ -118,6 +122,7 @@ class ConveyorClient:
         self._stream_idle_timeout = stream_idle_timeout
         self._log = log
         self._session: aiohttp.ClientSession | None = None
+        self._telemetry: Telemetry | None = None
 
     @classmethod
     def from_settings(
@@ -369,9 +374,57 @@ class ConveyorClient:
         timeout: aiohttp.ClientTimeout | None = None,
         accept: str = "application/json",
     ) -> aiohttp.ClientResponse:
-        """Send with retries; the 2xx response with its body still unread."""
-        session = self._session_for_use()
+        """Send with retries; the 2xx response with its body still unread.
+
+        The call, retries included, is one CLIENT span whose context travels in the request
+        headers, so the server's work joins the run's trace.
+        """
+        telemetry = self._telemetry or Telemetry()
+        self._telemetry = telemetry
         url = URL(self.base_url + path, encoded=True)
+        labels: dict[str, str | int] = {
+            "http.request.method": method,
+            "server.address": url.host or "",
+        }
+        if url.port is not None:
+            labels["server.port"] = url.port
+        started = time.perf_counter()
+        status = 0
+        with telemetry.tracer.start_as_current_span(
+            method,
+            kind=SpanKind.CLIENT,
+            attributes={**labels, "url.full": str(url)},
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            try:
+                response = await self._send(
+                    method, path, url, body=body, params=params, timeout=timeout, accept=accept
+                )
+                status = response.status
+                return response
+            except ConveyorAPIError as exc:
+                status = exc.status
+                span.set_status(Status(StatusCode.ERROR, str(exc)))
+                raise
+            finally:
+                if status:
+                    labels["http.response.status_code"] = status
+                    span.set_attribute("http.response.status_code", status)
+                telemetry.api_duration.record(time.perf_counter() - started, labels)
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        url: URL,
+        *,
+        body: Any,
+        params: Mapping[str, str] | None,
+        timeout: aiohttp.ClientTimeout | None,
+        accept: str,
+    ) -> aiohttp.ClientResponse:
+        session = self._session_for_use()
         data = None if body is None else orjson.dumps(body)
         tries = self.attempts if method in IDEMPOTENT else 1
         signed_anew = False
@@ -384,7 +437,7 @@ class ConveyorClient:
                     url,
                     data=data,
                     params=params,
-                    headers=self._headers(body=data is not None, accept=accept),
+                    headers=_traced(self._headers(body=data is not None, accept=accept)),
                     timeout=timeout or aiohttp.ClientTimeout(total=self.timeout),
                 )
             except (aiohttp.ClientConnectionError, TimeoutError) as exc:
@@ -435,6 +488,12 @@ class ConveyorClient:
                 delay=round(delay, 3),
             )
         await asyncio.sleep(delay)
+
+
+def _traced(headers: dict[str, str]) -> dict[str, str]:
+    """Headers with the current trace context (the call's CLIENT span) injected."""
+    propagate.inject(headers)
+    return headers
 
 
 def _segment(value: str | None, what: str) -> str:
