@@ -41,14 +41,14 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-SWAGGER_FILE = Path(__file__).resolve().parents[2] / "shared" / "conveyor" / "api-swagger.json"
+SWAGGER_FILE = Path(__file__).resolve().parent / "data" / "api-swagger.json"
 
 
 def load_swagger() -> dict[str, Any]:
     if not SWAGGER_FILE.is_file():
         raise RuntimeError(
-            f"{SWAGGER_FILE} is missing: the API tests check the client against the server's "
-            "OpenAPI file in shared/conveyor beside the repository"
+            f"{SWAGGER_FILE} is missing: the API tests check the client against this copy "
+            "of the server's OpenAPI file"
         )
     return dict(json.loads(SWAGGER_FILE.read_text()))
 

@@ -12,11 +12,12 @@ import contextlib
 import inspect
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_asyncio
-from _conveyor_api_server import ConveyorAPIServer
+from _conveyor_api_server import SWAGGER_FILE, ConveyorAPIServer
 from _helpers import wait_until
 from apps.harness import run_cli
 
@@ -674,3 +675,11 @@ def test_a_url_that_is_not_http_is_a_configuration_error() -> None:
 
     with pytest.raises(ConfigurationError, match="is not an http"):
         ConveyorClient("nats://localhost:4222")
+
+
+def test_the_contract_copy_matches_the_shared_one() -> None:
+    """The tests' copy of the server's OpenAPI file must not drift from the shared notes."""
+    shared = Path(__file__).resolve().parents[2] / "shared" / "conveyor" / "api-swagger.json"
+    if not shared.is_file():
+        pytest.skip("no shared/conveyor beside this clone")
+    assert SWAGGER_FILE.read_bytes() == shared.read_bytes()
