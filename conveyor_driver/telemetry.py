@@ -40,6 +40,7 @@ class Telemetry:
 
     def __init__(self) -> None:
         self.tracer = trace.get_tracer(INSTRUMENTATION, _VERSION)
+        self._enabled = False
         self._meter = metrics.get_meter(INSTRUMENTATION, _VERSION)
         self.process_duration = self._meter.create_histogram(
             "messaging.process.duration",
@@ -79,11 +80,17 @@ class Telemetry:
         return count
 
     def enabled(self) -> bool:
-        """Whether an SDK is installed: without one, a run skips span and metric bookkeeping."""
-        return (
-            not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
-            or not _is_default_meter_provider()
-        )
+        """Whether an SDK is installed: without one, a run skips span and metric bookkeeping.
+
+        Providers are installed before a driver starts, so the answer is kept once it is yes;
+        while it is no, it is asked again (a cheap check) so that a late set-up still counts.
+        """
+        if not self._enabled:
+            self._enabled = (
+                not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+                or not _is_default_meter_provider()
+            )
+        return self._enabled
 
 
 def extract(headers: Mapping[str, str] | None) -> OtelContext | None:
