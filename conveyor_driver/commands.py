@@ -15,6 +15,7 @@ import os
 import signal
 import time
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import attrs
 from opentelemetry import trace
@@ -95,29 +96,21 @@ async def _run(
 ) -> CommandResult:
     full_env = {**os.environ, **env} if env is not None else None
     started = time.monotonic()
+    options: dict[str, Any] = {
+        "stdout": asyncio.subprocess.PIPE,
+        "stderr": asyncio.subprocess.PIPE,
+        "stdin": asyncio.subprocess.DEVNULL,
+        "cwd": cwd,
+        "env": full_env,
+        "start_new_session": True,  # its own process group, so a kill reaches its children
+    }
     args: str | tuple[str, ...]
     if isinstance(cmd, str):
         args = cmd
-        process = await asyncio.create_subprocess_shell(
-            cmd,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            stdin=asyncio.subprocess.DEVNULL,
-            cwd=cwd,
-            env=full_env,
-            start_new_session=True,
-        )
+        process = await asyncio.create_subprocess_shell(cmd, **options)
     else:
         args = tuple(cmd)
-        process = await asyncio.create_subprocess_exec(
-            *args,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            stdin=asyncio.subprocess.DEVNULL,
-            cwd=cwd,
-            env=full_env,
-            start_new_session=True,
-        )
+        process = await asyncio.create_subprocess_exec(*args, **options)
     log.info("command started", command=args if isinstance(args, str) else " ".join(args))
     assert process.stdout is not None and process.stderr is not None
     tails = {"stdout": _Tail(), "stderr": _Tail()}
