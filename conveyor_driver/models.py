@@ -117,18 +117,44 @@ def resource_to_json(resource: Resource) -> dict[str, Any]:
 
 
 def encode_result_event(event: PipelineEvent) -> bytes:
-    """A result event as JSON, on every message's path too; same shape as ``encode``."""
+    """A result event as JSON; same shape as ``encode``."""
     result = event.driverresult
+    return encode_result(
+        event.run_id,
+        event.resource,
+        result.success,
+        result.message,
+        result.data,
+        result.driver,
+        event=event.event,
+    )
+
+
+def encode_result(
+    run_id: str,
+    resource: Resource,
+    success: bool,
+    message: str,
+    data: Any,
+    driver: str,
+    *,
+    event: str = protocol.RESULT_EVENT,
+) -> bytes:
+    """The PipelineEvent of a finished run as JSON, from its parts.
+
+    Every message's path encodes one, so it is built straight from the parts rather than
+    through a PipelineEvent and the converter.
+    """
     return orjson.dumps(
         {
-            "event": event.event,
-            "run_id": event.run_id,
-            "resource": resource_to_json(event.resource),
+            "event": event,
+            "run_id": run_id,
+            "resource": resource_to_json(resource),
             "driverresult": {
-                "success": result.success,
-                "message": result.message,
-                "data": result.data,
-                "driver": result.driver,
+                "success": success,
+                "message": message,
+                "data": data,
+                "driver": driver,
             },
         }
     )

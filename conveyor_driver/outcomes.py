@@ -75,7 +75,6 @@ class Kind(enum.Enum):
     GAVE_UP = "gave_up"
     UNDECODABLE = "undecodable"
     UNROUTED = "unrouted"
-    SHUTDOWN = "shutdown"
 
 
 @attrs.frozen
@@ -93,14 +92,15 @@ def backoff(attempt: int) -> float:
     return float(min(BACKOFF_BASE * 2 ** max(attempt - 1, 0), BACKOFF_CAP))
 
 
+#: What most handlers return (``None``) means; immutable, so one instance serves every run.
+_SUCCEEDED = Outcome(Kind.SUCCESS, Action.ACK, Result.ok())
+
+
 def from_return(value: Any) -> Outcome:
     """A handler returned: ``Result`` as is, ``None`` as success, other JSON as data."""
-    if isinstance(value, Result):
-        result = value
-    elif value is None:
-        result = Result.ok()
-    else:
-        result = Result.ok(data=value)
+    if value is None:
+        return _SUCCEEDED
+    result = value if isinstance(value, Result) else Result.ok(data=value)
     if not is_json_value(result.data):
         result = Result.fail(
             f"handler returned data that is not JSON: {type(result.data).__name__}"

@@ -9,12 +9,14 @@ are set (see :func:`configure_from_env`), which needs ``conveyor-driver[otel]``.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Iterable, Mapping
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from opentelemetry import metrics, propagate, trace
 from opentelemetry.context import Context as OtelContext
+from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 from structlog.typing import EventDict, WrappedLogger
 
@@ -29,6 +31,31 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 #: A build takes from milliseconds (a no-op step) to an hour.
 _RUN_BUCKETS = [0.005, 0.025, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600]
 _HTTP_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]
+
+
+class _Level:
+    """How many handlers run now in this process, read when metrics are collected.
+
+    An SDK up-down counter costs a measurement per change, two per run; this is a plain
+    count, observed by ``conveyor.driver.inflight`` at collection instead. It is one per
+    process because the SDK keeps one instrument per name and drops the callbacks of later
+    registrations: every driver (and every ``serve()``) in the process adds to it, as they
+    all added to the one up-down counter before. The lock covers drivers in several threads.
+    """
+
+    def __init__(self) -> None:
+        self._value = 0
+        self._lock = threading.Lock()
+
+    def add(self, amount: int) -> None:
+        with self._lock:
+            self._value += amount
+
+    def observe(self, _options: CallbackOptions) -> Iterable[Observation]:
+        return (Observation(self._value),)
+
+
+_INFLIGHT = _Level()
 
 
 class Telemetry:
@@ -53,8 +80,12 @@ class Telemetry:
             unit="{run}",
             description="Messages settled, by outcome (success, failure, retry, terminated)",
         )
-        self.inflight = self._meter.create_up_down_counter(
-            "conveyor.driver.inflight", unit="{run}", description="Handlers running now"
+        self.inflight = _INFLIGHT
+        self._meter.create_observable_up_down_counter(
+            "conveyor.driver.inflight",
+            callbacks=[_INFLIGHT.observe],
+            unit="{run}",
+            description="Handlers running now",
         )
         self.log_lines = self._meter.create_counter(
             "conveyor.driver.log_lines",

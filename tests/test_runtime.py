@@ -23,11 +23,16 @@ from _helpers import (
 )
 from nats.aio.client import Client
 from nats.js.api import AckPolicy, DeliverPolicy
+from nats.js.errors import NoStreamResponseError
 
 from conveyor_driver import Context, Driver, Fail, Resource, Result, Retry, Settings, outcomes
 from conveyor_driver import protocol as p
 from conveyor_driver.embedded import EmbeddedNats, free_port
 from conveyor_driver.errors import NatsUnavailableError, StreamMissingError
+from conveyor_driver.logs.chain import build_logger
+from conveyor_driver.runtime.consumer import Consumer
+from conveyor_driver.runtime.dispatcher import Services
+from conveyor_driver.testing import FakeConveyorClient
 from conveyor_driver.testing.fixtures import running
 
 
@@ -598,3 +603,36 @@ async def test_startup_and_shutdown_hooks_run_in_order(
 
     assert during == ["startup sync", "startup async", "handler"]
     assert order == ["startup sync", "startup async", "handler", "shutdown async", "shutdown sync"]
+
+
+async def test_result_publish_is_acknowledged_by_the_stream_or_refused(
+    nats_server: EmbeddedNats, nats_client: Client
+) -> None:
+    """The consumer's own JetStream publish: it returns once the stream has the result
+    (de-duplicated by its id), and raises when no stream takes the subject."""
+    driver = Driver("publisher")
+
+    @driver.on("pipeline")
+    async def noop(ctx: Context) -> None:
+        return None
+
+    log = build_logger(level="warning", fmt="json")
+    consumer = Consumer(
+        nats_client,
+        driver,
+        Services(log=log, api=FakeConveyorClient()),
+        concurrency=1,
+        log=log,
+    )
+    await consumer.ensure()
+    await consumer.start()
+    try:
+        headers = {p.MSG_ID_HEADER: p.result_message_id(driver.name, 1)}
+        for _ in range(2):
+            await consumer._publish_acked(p.RESULT_SUBJECT, b'{"event":"driver.result"}', headers)
+        stream = await nats_client.jetstream().stream_info(p.PIPELINE_STREAM)
+        assert stream.state.messages == 1
+        with pytest.raises(NoStreamResponseError):
+            await consumer._publish_acked("nowhere.at.all", b"{}", {})
+    finally:
+        await consumer.stop(0)

@@ -10,14 +10,16 @@ here touches structlog's global configuration.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
 import orjson
 import structlog
-from structlog.typing import FilteringBoundLogger, Processor
+from structlog.typing import EventDict, FilteringBoundLogger, Processor, WrappedLogger
 
 from ..telemetry import add_trace_ids
 
@@ -50,7 +52,7 @@ def build_logger(
         renderer = structlog.processors.JSONRenderer(serializer=_json_dumps)
     processors: list[Processor] = [
         structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _UtcTimestamper(),
         structlog.processors.format_exc_info,
         add_trace_ids,
         *sinks,
@@ -63,6 +65,30 @@ def build_logger(
         cache_logger_on_first_use=True,
     )
     return logger
+
+
+class _UtcTimestamper:
+    """``timestamp`` as structlog's ``TimeStamper(fmt="iso", utc=True)`` writes it.
+
+    That one builds an aware datetime and its ISO text for every line, a fifth of a log
+    call's cost; here the date and time of day are formatted once a second and only the
+    microseconds per line. The cache is keyed by the second it renders, so it cannot go
+    stale, and it is swapped as one tuple, so threads logging at once never mix halves.
+    """
+
+    def __init__(self) -> None:
+        self._second: tuple[int, str] = (-1, "")
+
+    def __call__(self, _logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+        second, nanos = divmod(time.time_ns(), 1_000_000_000)
+        cached = self._second
+        if cached[0] != second:
+            moment = datetime.datetime.fromtimestamp(second, datetime.UTC)
+            cached = self._second = (second, moment.strftime("%Y-%m-%dT%H:%M:%S"))
+        micros = nanos // 1000
+        # isoformat() leaves out a zero fraction; so must we, to write the same text.
+        event_dict["timestamp"] = f"{cached[1]}.{micros:06d}Z" if micros else f"{cached[1]}Z"
+        return event_dict
 
 
 def render_message(event_dict: Mapping[str, Any]) -> str:

@@ -42,7 +42,10 @@ METADATA_KEYS = {
     "trace_id": "trace_id",
     "span_id": "span_id",
 }
-_NOT_IN_LINE = frozenset({"event", "timestamp", "level", "driver", "resource_type"})
+_METADATA_ITEMS = tuple(METADATA_KEYS.items())
+#: Left out of the line besides the message and the labels ``_entry`` takes out: the driver
+#: (the ``service_name`` label) and the chain's timestamp (the entry carries its own).
+_NOT_IN_LINE = ("timestamp", "driver")
 _NEEDS_QUOTES = re.compile(r'[\s="\\]')
 _Labels = tuple[tuple[str, str], ...]
 _MAX_RETRIES = 10
@@ -187,27 +190,44 @@ class LokiSink:
         """Encode queued entries, oldest first, into one push body of about batch_bytes."""
         streams: dict[_Labels, list[list[Any]]] = {}
         size = count = 0
-        while self._queue and size < self.config.batch_bytes:
-            timestamp, event_dict = self._queue.popleft()
-            labels, value = self._entry(timestamp, event_dict)
-            streams.setdefault(labels, []).append(value)
+        previous = 0
+        in_order = True
+        queue, entry, limit = self._queue, self._entry, self.config.batch_bytes
+        while queue and size < limit:
+            timestamp, event_dict = queue.popleft()
+            # Stamps are taken in queue order, so they only go back when the clock does.
+            in_order = in_order and timestamp >= previous
+            previous = timestamp
+            labels, value = entry(timestamp, event_dict)
+            values = streams.get(labels)
+            if values is None:
+                streams[labels] = [value]
+            else:
+                values.append(value)
             size += len(value[1]) + 64
             count += 1
-        return _encode(streams), count
+        return _encode(streams, in_order), count
 
     def _entry(self, timestamp: int, event_dict: dict[str, Any]) -> tuple[_Labels, list[Any]]:
-        key = (event_dict.get("level", "info"), event_dict.get("resource_type"))
+        """Labels and ``[ns, line, metadata]``; takes apart ``event_dict``, which it owns."""
+        pop = event_dict.pop
+        message = pop("event", "")
+        key = (pop("level", "info"), pop("resource_type", None))
         labels = self._labels.get(key)
         if labels is None:
             labels = self._labels[key] = self._make_labels(*key)
+        for name in _NOT_IN_LINE:
+            pop(name, None)
         metadata: dict[str, str] = {}
         if self.config.structured_metadata:
-            for name, label in METADATA_KEYS.items():
+            for name, label in _METADATA_ITEMS:
                 if name in event_dict:
-                    metadata[label] = str(event_dict.pop(name))
-        line = self._render(event_dict)
-        value: list[Any] = [str(timestamp), line, metadata] if metadata else [str(timestamp), line]
-        return labels, value
+                    value = pop(name)
+                    metadata[label] = value if type(value) is str else str(value)
+        line = self._render(message, event_dict)
+        if metadata:
+            return labels, [str(timestamp), line, metadata]
+        return labels, [str(timestamp), line]
 
     def _make_labels(self, level: object, resource_type: object) -> _Labels:
         labels = {"service_name": self.service_name, "level": str(level)}
@@ -216,14 +236,15 @@ class LokiSink:
         labels.update(self.config.labels)
         return tuple(sorted(labels.items()))
 
-    def _render(self, event_dict: dict[str, Any]) -> str:
-        message = event_dict.get("event", "")
-        fields = {k: v for k, v in event_dict.items() if k not in _NOT_IN_LINE}
+    def _render(self, message: object, fields: dict[str, Any]) -> str:
+        """The line: the event as ``msg`` and the entry's other keys, in logfmt or JSON."""
         if self.config.line_format == "json":
             return orjson.dumps({"msg": message, **fields}, default=str).decode()
-        parts = [f"msg={_logfmt(message)}"]
-        parts.extend(f"{k}={_logfmt(v)}" for k, v in fields.items())
-        return " ".join(parts)
+        if not fields:
+            return "msg=" + _logfmt(message)
+        return f"msg={_logfmt(message)} " + " ".join(
+            [f"{key}={_logfmt(value)}" for key, value in fields.items()]
+        )
 
     async def _push(self, session: aiohttp.ClientSession, body: bytes, count: int) -> None:
         """Send one batch; retry on 429, 5xx and connection errors; drop on other 4xx."""
@@ -260,10 +281,14 @@ class LokiSink:
             )
 
 
-def _encode(streams: dict[_Labels, list[list[Any]]]) -> bytes:
+def _encode(streams: dict[_Labels, list[list[Any]]], in_order: bool = False) -> bytes:
+    """The gzipped push body; streams are sorted by time only when the clock went back."""
     payload = {
         "streams": [
-            {"stream": dict(labels), "values": sorted(values, key=lambda v: int(v[0]))}
+            {
+                "stream": dict(labels),
+                "values": values if in_order else sorted(values, key=lambda v: int(v[0])),
+            }
             for labels, values in streams.items()
         ]
     }
@@ -271,7 +296,12 @@ def _encode(streams: dict[_Labels, list[list[Any]]]) -> bytes:
 
 
 def _logfmt(value: Any) -> str:
+    """``value`` as a logfmt value: bare when it can be, else quoted and escaped as JSON."""
     text = value if isinstance(value, str) else str(value)
-    if text and not _NEEDS_QUOTES.search(text):
+    # Letters and digits never need quotes; the pattern decides for everything else.
+    if text.isalnum() or (text and not _NEEDS_QUOTES.search(text)):
         return text
+    # Printable text without quotes or backslashes is its own JSON string body.
+    if text.isprintable() and '"' not in text and "\\" not in text:
+        return f'"{text}"'
     return orjson.dumps(text).decode()

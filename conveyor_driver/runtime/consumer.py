@@ -18,12 +18,18 @@ from typing import TYPE_CHECKING
 import orjson
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
-from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.errors import (
+    APIError,
+    NoStreamResponseError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
 from structlog.typing import FilteringBoundLogger
 
 from .. import protocol
 from ..errors import ConsumerSetupError, StreamMissingError
-from ..models import DriverResult, PipelineEvent, encode_result_event
+from ..models import encode_result
 from ..outcomes import Action, Outcome
 from ..telemetry import inject
 from .dispatcher import Delivery, Processed, Services, process
@@ -45,6 +51,7 @@ _PULL_HEARTBEAT_NS = int(PULL_HEARTBEAT * 1e9)
 _PUBLISH_TIMEOUT = 5.0
 _NO_JETSTREAM = "JetStream did not answer (is it enabled on this NATS server?)"
 _PUBLISH_ATTEMPTS = 5
+_NO_RESPONDERS = "503"
 
 
 class Consumer:
@@ -71,10 +78,12 @@ class Consumer:
         self._requested = 0
         self._stopping = False
         self._wake = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
         self._sub: Subscription | None = None
         self._inbox = ""
+        self._acks_sub: Subscription | None = None
+        self._acks_prefix = ""
+        self._acks: dict[str, asyncio.Future[Msg]] = {}
+        self._acks_sent = 0
         self._pull_subject = protocol.pull_request_subject(protocol.MESSAGES_STREAM, driver.name)
         self._tasks: list[asyncio.Task[None]] = []
         self.last_activity = time.monotonic()
@@ -106,6 +115,8 @@ class Consumer:
             raise ConsumerSetupError(f"cannot create {where}: {_NO_JETSTREAM}") from None
 
     async def start(self) -> None:
+        self._acks_prefix = self._nc.new_inbox()
+        self._acks_sub = await self._nc.subscribe(f"{self._acks_prefix}.*", cb=self._on_puback)
         self._inbox = self._nc.new_inbox()
         self._sub = await self._nc.subscribe(self._inbox, cb=self._on_message)
         self._tasks = [
@@ -137,9 +148,10 @@ class Consumer:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._sub is not None:
-            await self._sub.unsubscribe()
-            self._sub = None
+        for sub in (self._sub, self._acks_sub):
+            if sub is not None:
+                await sub.unsubscribe()
+        self._sub = self._acks_sub = None
 
     async def _pull_forever(self) -> None:
         """Watch over pulling: ask again after a reconnect, a refusal or a silent request.
@@ -191,7 +203,7 @@ class Consumer:
         return True
 
     async def _on_message(self, msg: Msg) -> None:
-        self.last_activity = time.monotonic()
+        self.last_activity = now = time.monotonic()
         headers = msg.headers
         if headers and protocol.STATUS_HEADER in headers and not msg.data:
             await self._on_status(headers)
@@ -202,8 +214,7 @@ class Consumer:
             return
         task = asyncio.create_task(self._handle(msg))
         self._running[task] = msg
-        self._touched[task] = time.monotonic()
-        self._idle.clear()
+        self._touched[task] = now
 
     async def _on_status(self, headers: dict[str, str]) -> None:
         status = headers.get(protocol.STATUS_HEADER, "")
@@ -250,8 +261,6 @@ class Consumer:
             task = asyncio.current_task()
             self._running.pop(task, None)  # type: ignore[arg-type]
             self._touched.pop(task, None)  # type: ignore[arg-type]
-            if not self._running:
-                self._idle.set()
             if not await self._pull():
                 self._wake.set()
 
@@ -259,16 +268,15 @@ class Consumer:
         """Publish the result (and await its PubAck), and only then ack, nak or term."""
         outcome: Outcome = processed.outcome
         message = processed.message
-        if outcome.result is not None and message is not None:
-            event = PipelineEvent(
-                run_id=message.run_id,
-                resource=message.payload,
-                driverresult=DriverResult(
-                    success=outcome.result.success,
-                    message=outcome.result.message,
-                    data=outcome.result.data,
-                    driver=self._driver.name,
-                ),
+        result = outcome.result
+        if result is not None and message is not None:
+            body = encode_result(
+                message.run_id,
+                message.payload,
+                result.success,
+                result.message,
+                result.data,
+                self._driver.name,
             )
             headers = {
                 protocol.MSG_ID_HEADER: protocol.result_message_id(
@@ -276,7 +284,7 @@ class Consumer:
                 )
             }
             inject(headers, processed.span_context)
-            if not await self._publish_result(encode_result_event(event), headers):
+            if not await self._publish_result(body, headers):
                 self._log.error(
                     "result could not be published; the message will be redelivered",
                     run_id=message.run_id,
@@ -294,14 +302,43 @@ class Consumer:
         """Publish with retries: the de-duplication header makes a repeat harmless."""
         for attempt in range(1, _PUBLISH_ATTEMPTS + 1):
             try:
-                await self._js.publish(
-                    protocol.RESULT_SUBJECT, body, timeout=_PUBLISH_TIMEOUT, headers=headers
-                )
+                await self._publish_acked(protocol.RESULT_SUBJECT, body, headers)
                 return True
             except (NatsError, TimeoutError) as exc:
                 self._log.warning("result publish failed", attempt=attempt, error=str(exc))
                 await asyncio.sleep(min(2.0**attempt / 4, 5.0))
         return False
+
+    async def _publish_acked(self, subject: str, body: bytes, headers: dict[str, str]) -> None:
+        """A JetStream publish: send, then wait for the stream's PubAck or raise.
+
+        What ``JetStreamContext.publish`` does, on this consumer's own reply subscription:
+        that one answers through ``wait_for`` (an extra event-loop turn), draws a random
+        token per request and decodes the PubAck into a dataclass. At concurrency 1 every
+        message waits for that, so it was a good part of the per-message cost.
+        """
+        self._acks_sent += 1
+        reply = f"{self._acks_prefix}.{self._acks_sent}"
+        answer: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+        self._acks[reply] = answer
+        try:
+            await self._nc.publish(subject, body, reply=reply, headers=headers)
+            async with asyncio.timeout(_PUBLISH_TIMEOUT):
+                msg = await answer
+        except TimeoutError:
+            raise NatsTimeoutError from None
+        finally:
+            self._acks.pop(reply, None)
+        if msg.headers and msg.headers.get(protocol.STATUS_HEADER) == _NO_RESPONDERS:
+            raise NoStreamResponseError
+        response = orjson.loads(msg.data)
+        if "error" in response:
+            raise APIError.from_error(response["error"])
+
+    async def _on_puback(self, msg: Msg) -> None:
+        answer = self._acks.pop(msg.subject, None)
+        if answer is not None and not answer.done():
+            answer.set_result(msg)
 
     async def _keep_alive(self) -> None:
         """Tell JetStream that long runs are still alive, well inside ``ack_wait``."""

@@ -10,11 +10,12 @@ import asyncio
 import contextvars
 import functools
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING, Any
 
 import attrs
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode
 from structlog.typing import FilteringBoundLogger
@@ -39,7 +40,6 @@ _RUN_OUTCOMES = {
     Kind.GAVE_UP: "terminated",
     Kind.UNDECODABLE: "terminated",
     Kind.UNROUTED: "terminated",
-    Kind.SHUTDOWN: "retry",
 }
 
 
@@ -107,23 +107,29 @@ async def process(driver: Driver, delivery: Delivery, services: Services) -> Pro
         attributes["conveyor.resource.type"] = resource_type
         attributes["conveyor.resource.name"] = message.payload.name
     started = time.perf_counter()
-    with telemetry.tracer.start_as_current_span(
+    span = telemetry.tracer.start_span(
         f"process {resource_type}",
         context=extract(delivery.headers),
         kind=SpanKind.CONSUMER,
         attributes=attributes,
-        record_exception=False,
-        set_status_on_exception=False,
-    ) as span:
+    )
+    # attach/detach rather than start_as_current_span, whose context-manager layers add
+    # about a third to what the SDK charges for a recorded span.
+    token = otel_context.attach(trace.set_span_in_context(span))
+    try:
         processed, error = await _decide(driver, delivery, decoded, services)
         outcome = processed.outcome
-        span.set_attribute("conveyor.outcome", outcome.kind.value)
-        if error is not None and not isinstance(error, outcomes.Retry):
-            span.record_exception(error)
-            span.set_status(Status(StatusCode.ERROR, outcomes.describe(error)))
-        elif outcome.kind in _ERROR_KINDS:
-            text = outcome.result.message if outcome.result else outcome.kind.value
-            span.set_status(Status(StatusCode.ERROR, text))
+        if span.is_recording():
+            span.set_attribute("conveyor.outcome", outcome.kind.value)
+            if error is not None and not isinstance(error, outcomes.Retry):
+                span.record_exception(error)
+                span.set_status(Status(StatusCode.ERROR, outcomes.describe(error)))
+            elif outcome.kind in _ERROR_KINDS:
+                text = outcome.result.message if outcome.result else outcome.kind.value
+                span.set_status(Status(StatusCode.ERROR, text))
+    finally:
+        otel_context.detach(token)
+        span.end()
     labels = {"conveyor.resource.type": resource_type, "conveyor.outcome": outcome.kind.value}
     telemetry.process_duration.record(time.perf_counter() - started, labels)
     telemetry.count_run(_RUN_OUTCOMES[outcome.kind])
@@ -208,12 +214,17 @@ async def _decide(
     return Processed(outcome, message), None
 
 
-async def _call(route: Route, ctx: Context, executor: Executor | None) -> Any:
+def _call(route: Route, ctx: Context, executor: Executor | None) -> Awaitable[Any]:
+    """The run's awaitable: an async handler's own coroutine, a sync one's executor future.
+
+    Not a coroutine itself, so an async handler costs no extra frame per run. A sync
+    handler runs in a copy of the current context, taken here, inside the run's scope.
+    """
     if route.is_async:
-        return await route.handler(ctx)
+        return route.handler(ctx)  # type: ignore[no-any-return]
     loop = asyncio.get_running_loop()
     run = functools.partial(contextvars.copy_context().run, route.handler, ctx)
-    return await loop.run_in_executor(executor, run)
+    return loop.run_in_executor(executor, run)
 
 
 def _log_result(log: FilteringBoundLogger, outcome: Outcome) -> None:
