@@ -30,6 +30,7 @@ test: lint typecheck
 bench: $(STAMP)
 	$(BIN)/python bench/bench_dispatch.py
 	$(BIN)/python bench/bench_logs.py
+	$(BIN)/python bench/bench_telemetry.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache build *.egg-info
