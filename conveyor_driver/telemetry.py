@@ -67,7 +67,10 @@ class Telemetry:
 
     def __init__(self) -> None:
         self.tracer = trace.get_tracer(INSTRUMENTATION, _VERSION)
-        self._enabled = False
+        self._enabled = (
+            not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+            or not _is_default_meter_provider()
+        )
         self._meter = metrics.get_meter(INSTRUMENTATION, _VERSION)
         self.process_duration = self._meter.create_histogram(
             "messaging.process.duration",
@@ -111,16 +114,11 @@ class Telemetry:
         return count
 
     def enabled(self) -> bool:
-        """Whether an SDK is installed: without one, a run skips span and metric bookkeeping.
+        """Whether an SDK was installed when the driver started.
 
-        Providers are installed before a driver starts, so the answer is kept once it is yes;
-        while it is no, it is asked again (a cheap check) so that a late set-up still counts.
+        Without one, a run skips span and metric bookkeeping. Providers are set up before a
+        driver starts (the CLI does it first), so the answer is taken once, not per message.
         """
-        if not self._enabled:
-            self._enabled = (
-                not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
-                or not _is_default_meter_provider()
-            )
         return self._enabled
 
 
