@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+from _helpers import wait_until
 from _loki_receiver import TIMEOUT, Entry, LokiReceiver
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -337,15 +338,6 @@ class NatsLogs:
         return [e["message"] for e in self.entries if e["runid"] == run_id]
 
 
-async def wait_until(predicate: Any, timeout: float = TIMEOUT) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise TimeoutError("condition not met in time")
-        await asyncio.sleep(0.02)
-
-
 async def test_runtime_ships_run_and_driver_lines_to_loki_and_nats(
     nats_server: EmbeddedNats,
     nats_client: Client,
@@ -366,7 +358,7 @@ async def test_runtime_ships_run_and_driver_lines_to_loki_and_nats(
         message = await emit_event(nats_client, Resource(name="app", type="pipeline"))
         result = await watch.wait(message.run_id, timeout=TIMEOUT)
         await receiver.wait_for(lambda r: 'msg="run succeeded" result=built' in r.lines())
-        await wait_until(lambda: len(nats_logs.messages(message.run_id)) == 2)
+        await wait_until(lambda: len(nats_logs.messages(message.run_id)) == 2, what="2 NATS lines")
     assert result.driverresult.success
 
     metadata = {
@@ -417,7 +409,9 @@ async def test_runtime_with_loki_down_still_handles_and_logs_to_nats(
     async with running(driver, nats_server.url, loki=config), watch_results(nats_client) as watch:
         message = await emit_event(nats_client, Resource(name="app", type="pipeline"))
         result = await watch.wait(message.run_id, timeout=TIMEOUT)
-        await wait_until(lambda: len(nats_logs.messages(message.run_id)) == 21)
+        await wait_until(
+            lambda: len(nats_logs.messages(message.run_id)) == 21, what="21 NATS lines"
+        )
 
     assert result.driverresult.success
     assert result.driverresult.message == "built"
