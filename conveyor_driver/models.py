@@ -238,13 +238,42 @@ def decode_pipeline_event(data: bytes) -> PipelineEvent:
         raise DecodeError(f"not a result event: {_reason(exc)}") from exc
 
 
-def is_json_value(value: Any) -> bool:
-    """Whether ``value`` survives the trip to JSON (a result's ``data`` must)."""
+def json_problem(value: Any, path: str = "data") -> str | None:
+    """Why ``value`` cannot travel as JSON, naming the first bad value's path; None if it can.
+
+    A result's ``data`` is often a deep structure built by the handler: "object of type set
+    is not JSON" alone leaves its author searching, ``data["images"][2]: ...`` does not.
+    The common case (it serialises) costs one ``orjson.dumps``.
+    """
     try:
         orjson.dumps(value)
-    except TypeError:
-        return False
-    return True
+    except TypeError as exc:
+        return _first_problem(value, path) or f"{path}: {exc}"
+    return None
+
+
+def _first_problem(value: Any, path: str) -> str | None:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return f"{path}: key {key!r} of type {type(key).__name__} is not a string"
+            found = _first_problem(item, f"{path}[{orjson.dumps(key).decode()}]")
+            if found is not None:
+                return found
+        return None
+    if isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            found = _first_problem(item, f"{path}[{index}]")
+            if found is not None:
+                return found
+        return None
+    try:
+        orjson.dumps(value)
+    except TypeError as exc:
+        if "not JSON serializable" in str(exc):
+            return f"{path}: object of type {type(value).__name__} is not JSON"
+        return f"{path}: {str(exc)[:1].lower()}{str(exc)[1:]}"
+    return None
 
 
 def _reason(exc: BaseException) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 
 import attrs
 
-from .models import is_json_value
+from .models import json_problem
 
 BACKOFF_BASE = 1.0
 BACKOFF_CAP = 300.0
@@ -74,7 +74,11 @@ class Kind(enum.Enum):
     RETRY = "retry"
     GAVE_UP = "gave_up"
     UNDECODABLE = "undecodable"
+    #: An event addressed to this driver (a pipeline step) that no handler takes: a
+    #: failure result is published, or the pipeline would wait for this step forever.
     UNROUTED = "unrouted"
+    #: A broadcast event (``resources.<type>``) this driver does not handle: acked quietly.
+    SKIPPED = "skipped"
 
 
 @attrs.frozen
@@ -101,31 +105,50 @@ def from_return(value: Any) -> Outcome:
     if value is None:
         return _SUCCEEDED
     result = value if isinstance(value, Result) else Result.ok(data=value)
-    if not is_json_value(result.data):
-        result = Result.fail(
-            f"handler returned data that is not JSON: {type(result.data).__name__}"
-        )
+    problem = json_problem(result.data)
+    if problem is not None:
+        result = Result.fail(f"handler returned data that is not JSON: {problem}")
     kind = Kind.SUCCESS if result.success else Kind.FAILURE
     return Outcome(kind, Action.ACK, result)
 
 
-def from_exception(exc: BaseException, attempt: int, max_attempts: int) -> Outcome:
-    """A handler raised: map it to an outcome, giving up on the last attempt."""
+def from_exception(
+    exc: BaseException, attempt: int, max_attempts: int, earlier: tuple[str, ...] = ()
+) -> Outcome:
+    """A handler raised: map it to an outcome, giving up on the last attempt.
+
+    ``earlier`` describes the attempts before this one, when the runtime knows them, so a
+    final failure tells the whole story rather than only its last chapter.
+    """
     if isinstance(exc, Fail):
-        data = exc.data if is_json_value(exc.data) else None
-        return Outcome(Kind.FAILURE, Action.ACK, Result.fail(exc.message, data))
+        problem = json_problem(exc.data)
+        if problem is None:
+            return Outcome(Kind.FAILURE, Action.ACK, Result.fail(exc.message, exc.data))
+        message = f"{exc.message} (data dropped, not JSON: {problem})"
+        return Outcome(Kind.FAILURE, Action.ACK, Result.fail(message))
     if attempt >= max_attempts:
-        return gave_up(attempt, describe(exc))
+        return gave_up(attempt, describe(exc), earlier)
     if isinstance(exc, Retry):
         delay = exc.delay if exc.delay is not None else backoff(attempt)
         return Outcome(Kind.RETRY, Action.NAK, delay=max(delay, 0.0))
     return Outcome(Kind.RETRY, Action.NAK, delay=backoff(attempt))
 
 
-def gave_up(attempt: int, reason: str) -> Outcome:
-    """The last attempt is spent: report the failure and end redelivery."""
-    message = f"gave up after {attempt} attempt{'s' if attempt != 1 else ''}: {reason}"
-    return Outcome(Kind.GAVE_UP, Action.TERM, Result.fail(message))
+def gave_up(attempts: int, reason: str, earlier: tuple[str, ...] = ()) -> Outcome:
+    """The last attempt is spent: report the failure and end redelivery.
+
+    With ``earlier`` (one description per attempt before the last), every attempt that
+    really ran is named with its error; without it, only the last reason is known.
+    """
+    plural = "s" if attempts != 1 else ""
+    if earlier:
+        reasons = [*earlier[: attempts - 1], reason]
+        reason = "; ".join(f"attempt {n}: {text}" for n, text in enumerate(reasons, 1))
+    return Outcome(
+        Kind.GAVE_UP,
+        Action.TERM,
+        Result.fail(f"gave up after {attempts} attempt{plural}: {reason}"),
+    )
 
 
 def describe(exc: BaseException) -> str:

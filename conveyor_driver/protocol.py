@@ -7,6 +7,7 @@ runtimes, wherever the two disagree: see ``shared/conveyor/PROTOCOL.md``.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterable
 
@@ -66,6 +67,11 @@ def resource_type_from_subject(subject: str) -> str | None:
     return None
 
 
+def is_addressed(subject: str) -> bool:
+    """Whether a driver subject is a pipeline step addressed to one driver (not a broadcast)."""
+    return subject.startswith("drivers.")
+
+
 def log_subject(run_id: str) -> str:
     """JetStream subject the server's ``logs-engine`` consumer stores."""
     return f"logs.{run_id}"
@@ -84,6 +90,18 @@ def live_log_subjects(driver: str) -> str:
 def result_message_id(driver: str, stream_sequence: int) -> str:
     """The de-duplication id of the one result a delivered message may produce."""
     return f"{driver}:{MESSAGES_STREAM}:{stream_sequence}"
+
+
+_BUCKET_UNSAFE = re.compile(r"[^a-zA-Z0-9_-]")
+
+
+def ledger_bucket(driver: str) -> str:
+    """The run ledger's key-value bucket of ``driver`` (bucket names allow fewer characters
+    than subject tokens, so other characters are replaced and a short hash keeps it unique)."""
+    safe = _BUCKET_UNSAFE.sub("_", driver)
+    if safe != driver:
+        safe += "-" + hashlib.sha256(driver.encode()).hexdigest()[:8]
+    return f"conveyor-runs-{safe}"
 
 
 def consumer_config(driver: str, resource_types: Iterable[str], ack_wait: float) -> ConsumerConfig:

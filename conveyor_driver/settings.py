@@ -57,6 +57,8 @@ class Settings:
     embedded_dir: Path | None = None
     loki: LokiConfig | None = None
     http_port: int | None = None
+    #: How long start-up waits out NATS and JetStream weather before it gives up.
+    startup_timeout: float = 60.0
     #: The driver's identity on a secured Conveyor (PROTOCOL.md section 6): a PEM
     #: certificate chain (leaf first), its private key, and the operator's CA.
     tls_cert: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))

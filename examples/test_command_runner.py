@@ -158,7 +158,7 @@ async def test_dispatch_of_a_failing_command_is_a_failure_without_retry() -> Non
 
 async def test_dispatch_of_another_resource_type_is_not_handled() -> None:
     report = await dispatch(driver, {"name": "demo", "resource": "deployment", "spec": {}})
-    assert (report.result, report.action, report.kind) == (None, "term", "unrouted")
+    assert (report.result, report.action, report.kind) == (None, "ack", "skipped")
 
 
 def test_example_driver_configuration() -> None:

@@ -44,15 +44,36 @@ def test_other_json_value_is_success_with_it_as_data(value: Any) -> None:
 
 
 @pytest.mark.parametrize(
-    ("value", "type_name"),
-    [(object(), "object"), ({1, 2}, "set"), (Result.ok(data=object()), "object")],
+    ("value", "problem"),
+    [
+        (object(), "data: object of type object is not JSON"),
+        ({1, 2}, "data: object of type set is not JSON"),
+        (Result.ok(data=object()), "data: object of type object is not JSON"),
+        ({"o": object()}, 'data["o"]: object of type object is not JSON'),
+        ({"a": [1, {"b": {3}}]}, 'data["a"][1]["b"]: object of type set is not JSON'),
+        ({"n": [2**70]}, 'data["n"][0]: integer exceeds 64-bit range'),
+        ({"m": {1: "x"}}, 'data["m"]: key 1 of type int is not a string'),
+    ],
 )
-def test_data_that_is_not_json_is_a_failure(value: Any, type_name: str) -> None:
+def test_data_that_is_not_json_is_a_failure_naming_the_path(value: Any, problem: str) -> None:
     outcome = from_return(value)
     assert outcome == Outcome(
         Kind.FAILURE,
         Action.ACK,
-        Result(False, f"handler returned data that is not JSON: {type_name}", None),
+        Result(False, f"handler returned data that is not JSON: {problem}", None),
+    )
+
+
+def test_fail_with_data_that_is_not_json_keeps_its_message_and_names_the_path() -> None:
+    outcome = from_exception(Fail("bad spec", data={"why": object()}), 1, 3)
+    assert outcome == Outcome(
+        Kind.FAILURE,
+        Action.ACK,
+        Result(
+            False,
+            'bad spec (data dropped, not JSON: data["why"]: object of type object is not JSON)',
+            None,
+        ),
     )
 
 
@@ -70,7 +91,9 @@ def test_fail_on_the_last_attempt_is_still_a_plain_failure() -> None:
 
 def test_fail_with_data_that_is_not_json_drops_the_data() -> None:
     outcome = from_exception(Fail("bad", data=object()), 1, 3)
-    assert outcome.result == Result(False, "bad", None)
+    assert outcome.result == Result(
+        False, "bad (data dropped, not JSON: data: object of type object is not JSON)", None
+    )
     assert outcome.action is Action.ACK
 
 
@@ -137,4 +160,20 @@ def test_retry_at_the_last_attempt_gives_up_too(retry: Retry) -> None:
         Kind.GAVE_UP,
         Action.TERM,
         Result(False, "gave up after 3 attempts: Retry: not ready", None),
+    )
+
+
+def test_giving_up_names_every_attempt_that_really_ran() -> None:
+    earlier = ("ValueError: first", "the driver stopped mid-run (no outcome recorded)")
+    outcome = from_exception(ValueError("third"), 3, 3, earlier)
+    assert outcome == Outcome(
+        Kind.GAVE_UP,
+        Action.TERM,
+        Result(
+            False,
+            "gave up after 3 attempts: attempt 1: ValueError: first; "
+            "attempt 2: the driver stopped mid-run (no outcome recorded); "
+            "attempt 3: ValueError: third",
+            None,
+        ),
     )

@@ -166,7 +166,7 @@ async def test_both_subjects_reach_the_handler_and_other_drivers_do_not(
     assert results.for_run(elsewhere) == []
 
 
-async def test_event_filter_routes_create_and_terminates_unhandled_delete(
+async def test_event_filter_routes_create_and_skips_an_unhandled_broadcast_quietly(
     nats_server: EmbeddedNats, nats_client: Client
 ) -> None:
     driver = Driver("filtered")
@@ -182,16 +182,50 @@ async def test_event_filter_routes_create_and_terminates_unhandled_delete(
         running(driver, nats_server.url),
     ):
         delete_id, delete_body = driver_message(resource_json(), event="delete")
-        delete_seq = await publish(nats_client, "resources.pipeline", delete_body)
+        await publish(nats_client, "resources.pipeline", delete_body)
         create_id = await send(nats_client, resource_json(), event="create")
         await results.wait(create_id)
-        await wait_until(lambda: terminated == [delete_seq], what="delete terminated")
         await wait_until(lambda: settled(nats_client, "filtered"), what="all settled")
         info = await consumer_info(nats_client, "filtered")
 
     assert seen == [(create_id, "create")]
     assert results.for_run(delete_id) == []
+    # Acked, not terminated: a term is an advisory (and an alert) on every broadcast.
+    assert terminated == []
     assert info.num_redelivered == 0
+
+
+async def test_an_unhandled_step_addressed_to_the_driver_reports_a_failure(
+    nats_server: EmbeddedNats, nats_client: Client
+) -> None:
+    driver = Driver("stepper")
+
+    @driver.on("pipeline", events=["create"])
+    async def create(ctx: Context) -> None:
+        return None
+
+    async with (
+        raw_results(nats_client) as results,
+        terminations(nats_client, "stepper") as terminated,
+        running(driver, nats_server.url),
+    ):
+        run_id = await send(
+            nats_client,
+            resource_json(pipeline="ci"),
+            subject="drivers.stepper.resources.pipeline",
+            event="process",
+        )
+        await results.wait(run_id)
+        await wait_until(lambda: settled(nats_client, "stepper"), what="all settled")
+
+    (body,) = results.for_run(run_id)
+    assert body["driverresult"] == {
+        "success": False,
+        "message": "driver 'stepper' has no handler for event 'process' of type 'pipeline'",
+        "data": None,
+        "driver": "stepper",
+    }
+    assert terminated == []
 
 
 async def test_fail_publishes_a_failure_and_acks_once(
@@ -280,7 +314,8 @@ async def test_exception_is_retried_then_gives_up_with_one_failure(
     assert [body["driverresult"] for body in results.for_run(run_id)] == [
         {
             "success": False,
-            "message": "gave up after 3 attempts: ValueError: boom",
+            "message": "gave up after 3 attempts: attempt 1: ValueError: boom; "
+            "attempt 2: ValueError: boom; attempt 3: ValueError: boom",
             "data": None,
             "driver": "exploding",
         }
@@ -471,8 +506,9 @@ async def test_missing_stream_is_one_clear_line() -> None:
         return None
 
     async with EmbeddedNats(create_streams=False) as server:
+        settings = Settings(nats_urls=server.url, startup_timeout=1.0)
         with pytest.raises(StreamMissingError) as caught:
-            await asyncio.wait_for(driver.serve(Settings(nats_urls=server.url)), TIMEOUT)
+            await asyncio.wait_for(driver.serve(settings), TIMEOUT)
 
     message = str(caught.value)
     assert "\n" not in message
@@ -488,7 +524,7 @@ async def test_unreachable_nats_is_one_clear_line() -> None:
 
     url = f"nats://127.0.0.1:{free_port()}"
     with pytest.raises(NatsUnavailableError) as caught:
-        await asyncio.wait_for(driver.serve(Settings(nats_urls=url)), 60)
+        await asyncio.wait_for(driver.serve(Settings(nats_urls=url, startup_timeout=2.0)), 60)
 
     message = str(caught.value)
     assert "\n" not in message
@@ -564,7 +600,8 @@ async def test_shutdown_hands_unfinished_runs_back_for_redelivery(
             await wait_until(lambda: settled(nats_client, "handover"), what="message acked")
 
     assert cancelled == [run_id]
-    assert redelivered == [(run_id, 2)]
+    # The second delivery, but the first attempt: a hand-back is not an attempt.
+    assert redelivered == [(run_id, 1)]
     assert [body["driverresult"]["message"] for body in results.for_run(run_id)] == ["picked up"]
 
 

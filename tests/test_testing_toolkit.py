@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import threading
 from typing import Any
 
 import pytest
 
-from conveyor_driver import Context, Driver, Fail, Resource, Result, Retry
+from conveyor_driver import Context, Driver, Fail, Resource, Result, Retry, outcomes
 from conveyor_driver.testing import DispatchReport, FakeContext, dispatch
 
 RESOURCE: dict[str, Any] = {
@@ -202,7 +203,7 @@ async def test_dispatch_beyond_max_attempts_gives_up_without_running_the_handler
     assert report.result.message.startswith("gave up after 2 attempts:")
 
 
-async def test_dispatch_unrouted_event_is_terminated() -> None:
+async def test_dispatch_unhandled_broadcast_event_is_skipped_quietly() -> None:
     calls: list[str] = []
 
     async def build(ctx: Context) -> None:
@@ -212,22 +213,72 @@ async def test_dispatch_unrouted_event_is_terminated() -> None:
     assert calls == []
     assert (report.result, report.action, report.delay, report.kind) == (
         None,
-        "term",
+        "ack",
         None,
-        "unrouted",
+        "skipped",
     )
     (entry,) = report.logs
-    assert entry["event"] == "message terminated: no handler for this resource type and event"
-    assert entry["level"] == "warning"
+    assert entry["event"] == "event skipped: no handler for it"
+    assert entry["level"] == "debug"
     assert entry["event_name"] == "delete"
 
 
-async def test_dispatch_unknown_resource_type_is_terminated() -> None:
+async def test_dispatch_unhandled_step_addressed_to_the_driver_reports_a_failure() -> None:
+    async def build(ctx: Context) -> None:
+        return None
+
+    driver = make_driver(build, events=["create"])
+    report = await dispatch(driver, RESOURCE, event="process")
+    expected = f"driver {driver.name!r} has no handler for event 'process' of type 'pipeline'"
+    assert report.result == Result(False, expected, None)
+    assert (report.action, report.kind) == ("ack", "unrouted")
+    (entry,) = report.logs
+    assert entry["level"] == "warning"
+    # The default follows the server: "process" is a step, anything else a broadcast.
+    broadcast = await dispatch(driver, RESOURCE, event="process", addressed=False)
+    assert (broadcast.result, broadcast.action, broadcast.kind) == (None, "ack", "skipped")
+    step = await dispatch(driver, RESOURCE, event="delete", addressed=True)
+    assert (step.action, step.kind) == ("ack", "unrouted")
+
+
+async def test_dispatch_unknown_resource_type_is_skipped() -> None:
     async def build(ctx: Context) -> None:
         return None
 
     report = await dispatch(make_driver(build), {"name": "x", "resource": "other"})
-    assert (report.result, report.action, report.kind) == (None, "term", "unrouted")
+    assert (report.result, report.action, report.kind) == (None, "ack", "skipped")
+
+
+class _Abort(BaseException):
+    """A BaseException of the handler's own, like some libraries define."""
+
+
+@pytest.mark.parametrize("raised", [SystemExit(3), KeyboardInterrupt(), _Abort("stop")])
+@pytest.mark.parametrize("sync", [False, True])
+async def test_dispatch_base_exceptions_fail_the_run_not_the_driver(
+    raised: BaseException, sync: bool
+) -> None:
+    def sync_build(ctx: Context) -> None:
+        raise raised
+
+    async def async_build(ctx: Context) -> None:
+        raise raised
+
+    driver = make_driver(sync_build if sync else async_build, max_attempts=2)
+    first = await dispatch(driver, RESOURCE)
+    assert (first.action, first.kind, first.result) == ("nak", "retry", None)
+    last = await dispatch(driver, RESOURCE, attempt=2)
+    assert (last.action, last.kind) == ("term", "gave_up")
+    assert last.result is not None
+    assert last.result.message == f"gave up after 2 attempts: {outcomes.describe(raised)}"
+
+
+async def test_dispatch_a_handlers_own_cancelled_error_is_a_failure() -> None:
+    async def build(ctx: Context) -> None:
+        raise asyncio.CancelledError("inner timeout")
+
+    report = await dispatch(make_driver(build, max_attempts=1), RESOURCE)
+    assert (report.action, report.kind) == ("term", "gave_up")
 
 
 async def test_dispatch_sync_handler_runs_in_a_thread_with_the_context_copied() -> None:
@@ -265,7 +316,9 @@ async def test_dispatch_handler_returning_data_that_is_not_json_fails() -> None:
         return object()
 
     report = await dispatch(make_driver(build), RESOURCE)
-    assert report.result == Result(False, "handler returned data that is not JSON: object", None)
+    assert report.result == Result(
+        False, "handler returned data that is not JSON: data: object of type object is not JSON"
+    )
     assert (report.action, report.kind) == ("ack", "failure")
 
 

@@ -1,4 +1,4 @@
-"""Connecting to NATS: a clear error when nothing answers, then reconnect forever."""
+"""Connecting to NATS: wait out a server that is not up yet, then reconnect forever."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from structlog.typing import FilteringBoundLogger
 from ..errors import NatsUnavailableError
 from ..tls import TLSOnlyClient, nats_tls_failure, quiet_tls_eof_warning
 
-#: Tries per server before start-up gives up with a clear error (then it is forever).
-_INITIAL_TRIES = 3
+#: How long one-shot commands (emit, status) wait for NATS before they give up.
+COMMAND_TIMEOUT = 5.0
 
 
 async def connect(
@@ -25,12 +25,14 @@ async def connect(
     log: FilteringBoundLogger,
     on_reconnect: Callable[[], Awaitable[None]] | None = None,
     tls: ssl.SSLContext | None = None,
+    timeout: float = COMMAND_TIMEOUT,
 ) -> Client:
-    """Connect, or raise NatsUnavailableError naming the URLs.
+    """Connect within ``timeout`` seconds, or raise NatsUnavailableError naming the URLs.
 
-    Start-up fails fast because a wrong URL is a configuration mistake the operator should
-    see at once; once connected, the driver reconnects forever, because a NATS restart is
-    weather, and the runtime keeps consuming afterwards.
+    A NATS that is not up yet is weather (pods start in any order; a rolling upgrade
+    restarts nodes), so connecting is retried until ``timeout``, with the wait logged once;
+    after that the operator gets one line naming the URLs and the last error. Once
+    connected, the driver reconnects forever, and the runtime keeps consuming afterwards.
 
     With ``tls``, the server must speak TLS (no plaintext fallback) and is verified with the
     context's CA; a TLS failure ends start-up at once with its reason, since no retry cures
@@ -47,6 +49,8 @@ async def connect(
 
     async def error_cb(exc: Exception) -> None:
         if not connected:
+            if not failures:
+                log.warning("waiting for NATS", nats=where, error=str(exc) or type(exc).__name__)
             failures.append(exc)
             reason = nats_tls_failure(exc, where, tls_configured=tls is not None)
             if reason is not None and not fatal.done():
@@ -72,7 +76,7 @@ async def connect(
             name=name,
             connect_timeout=2,
             reconnect_time_wait=1,
-            max_reconnect_attempts=_INITIAL_TRIES,
+            max_reconnect_attempts=-1,
             error_cb=error_cb,
             disconnected_cb=disconnected_cb,
             reconnected_cb=reconnected_cb,
@@ -83,7 +87,7 @@ async def connect(
         # nats-py can hang after a failed TLS handshake (it waits for the plaintext socket
         # it handed to TLS to close), so a fatal TLS error is not left to its retry loop.
         racing: set[asyncio.Future[Any]] = {connecting, fatal}
-        await asyncio.wait(racing, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(racing, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
     finally:
         if not connecting.done():
             connecting.cancel()
@@ -93,10 +97,11 @@ async def connect(
         raise NatsUnavailableError(fatal.result())
     try:
         connecting.result()
-    except Exception as exc:
-        last = failures[-1] if failures else exc
+    except BaseException as exc:
+        last: BaseException = failures[-1] if failures else exc
+        if isinstance(last, asyncio.CancelledError):
+            last = TimeoutError(f"no answer within {timeout:g}s")
         reason = str(last) or type(last).__name__
         raise NatsUnavailableError(f"cannot reach NATS at {where}: {reason}") from None
-    nc.options["max_reconnect_attempts"] = -1
     connected = True
     return nc

@@ -15,22 +15,18 @@ import contextlib
 import time
 from typing import TYPE_CHECKING
 
+import attrs
 import orjson
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
+from nats.errors import MaxPayloadError
 from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.errors import (
-    APIError,
-    NoStreamResponseError,
-    NotFoundError,
-    ServiceUnavailableError,
-)
+from nats.js.errors import APIError, NoStreamResponseError
 from structlog.typing import FilteringBoundLogger
 
 from .. import protocol
-from ..errors import ConsumerSetupError, StreamMissingError
-from ..models import encode_result
-from ..outcomes import Action, Outcome
+from ..models import DriverMessage, encode_result
+from ..outcomes import Action, Outcome, Result
 from ..telemetry import inject
 from .dispatcher import Delivery, Processed, Services, process
 
@@ -39,6 +35,7 @@ if TYPE_CHECKING:
     from nats.aio.subscription import Subscription
 
     from ..app import Driver
+    from .ledger import RunLedger
 
 #: How long one pull request waits on the server for messages before it expires.
 PULL_EXPIRES = 30.0
@@ -49,9 +46,28 @@ PULL_SILENCE = 3 * PULL_HEARTBEAT
 _PULL_EXPIRES_NS = int(PULL_EXPIRES * 1e9)
 _PULL_HEARTBEAT_NS = int(PULL_HEARTBEAT * 1e9)
 _PUBLISH_TIMEOUT = 5.0
-_NO_JETSTREAM = "JetStream did not answer (is it enabled on this NATS server?)"
-_PUBLISH_ATTEMPTS = 5
+#: Result publishes are retried for as long as the run is kept alive, this far apart at most.
+_PUBLISH_MAX_DELAY = 5.0
+#: How long a stopping consumer waits for handed-back runs to record and nak.
+_HANDBACK_TIMEOUT = 15.0
 _NO_RESPONDERS = "503"
+#: JetStream's "message size exceeds maximum allowed" (a stream's max_msg_size).
+_TOO_LARGE = 10054
+
+
+async def ensure_consumer(nc: Client, driver: Driver) -> None:
+    """Create or update the driver's durable consumer; its config is the driver's, not ours.
+
+    Errors are the client library's: :func:`.startup.until_ready` tells weather from a
+    configuration mistake.
+    """
+    config = protocol.consumer_config(driver.name, driver.resource_types, driver.ack_wait)
+    await nc.jetstream().add_consumer(protocol.MESSAGES_STREAM, config)
+
+
+def ensuring_what(driver: Driver) -> str:
+    """How start-up errors name the consumer step."""
+    return f"create consumer {driver.name!r} on stream {protocol.MESSAGES_STREAM!r}"
 
 
 class Consumer:
@@ -65,8 +81,10 @@ class Consumer:
         *,
         concurrency: int,
         log: FilteringBoundLogger,
+        ledger: RunLedger | None = None,
     ) -> None:
         self._nc = nc
+        self._ledger = ledger
         self._js = nc.jetstream()
         self._driver = driver
         self._services = services
@@ -95,24 +113,7 @@ class Consumer:
         return len(self._running)
 
     async def ensure(self) -> None:
-        """Create or update the durable consumer; its config is the driver's, not ours."""
-        config = protocol.consumer_config(
-            self._driver.name, self._driver.resource_types, self._driver.ack_wait
-        )
-        where = f"consumer {self._driver.name!r} on stream {protocol.MESSAGES_STREAM!r}"
-        try:
-            await self._js.add_consumer(protocol.MESSAGES_STREAM, config)
-        except NotFoundError:
-            raise StreamMissingError(
-                f"stream {protocol.MESSAGES_STREAM!r} does not exist on this NATS server: "
-                "start the Conveyor server first, or run with --embedded"
-            ) from None
-        except APIError as exc:
-            if not isinstance(exc, ServiceUnavailableError) and exc.description:
-                raise ConsumerSetupError(f"cannot create {where}: {exc.description}") from None
-            raise ConsumerSetupError(f"cannot create {where}: {_NO_JETSTREAM}") from None
-        except (NatsError, TimeoutError):
-            raise ConsumerSetupError(f"cannot create {where}: {_NO_JETSTREAM}") from None
+        await ensure_consumer(self._nc, self._driver)
 
     async def start(self) -> None:
         self._acks_prefix = self._nc.new_inbox()
@@ -131,9 +132,20 @@ class Consumer:
         self._wake.set()
 
     async def stop(self, grace_period: float) -> None:
-        """Stop pulling; let running handlers finish within ``grace_period``; nak the rest."""
+        """Stop pulling; let running handlers finish within ``grace_period``; hand back the rest.
+
+        The pull inbox goes first: JetStream drops the pull requests still open on it, so
+        a handed-back run cannot be delivered straight back into this closing process (each
+        such bounce would be one more delivery). Hand-backs are recorded in the run ledger,
+        so they never count as attempts.
+        """
         self._stopping = True
         self._wake.set()
+        if self._sub is not None:
+            with contextlib.suppress(NatsError):
+                await self._sub.unsubscribe()
+                await self._nc.flush(timeout=2)
+            self._sub = None
         running = list(self._running)
         if running:
             self._log.info("waiting for running handlers", count=len(running), grace=grace_period)
@@ -144,14 +156,14 @@ class Consumer:
                 self._log.warning(
                     "grace period over: unfinished runs handed back", count=len(unfinished)
                 )
-                await asyncio.wait(unfinished, timeout=_PUBLISH_TIMEOUT)
+                await asyncio.wait(unfinished, timeout=_HANDBACK_TIMEOUT)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for sub in (self._sub, self._acks_sub):
-            if sub is not None:
-                await sub.unsubscribe()
-        self._sub = self._acks_sub = None
+        if self._acks_sub is not None:
+            with contextlib.suppress(NatsError):
+                await self._acks_sub.unsubscribe()
+            self._acks_sub = None
 
     async def _pull_forever(self) -> None:
         """Watch over pulling: ask again after a reconnect, a refusal or a silent request.
@@ -210,7 +222,8 @@ class Consumer:
             return
         self._requested = max(self._requested - 1, 0)
         if self._stopping or len(self._running) >= self.concurrency:
-            await _quietly(msg.nak())
+            # Not expected (see stop and _pull), but if it happens it is not an attempt.
+            self._tasks.append(asyncio.create_task(self._hand_back(msg)))
             return
         task = asyncio.create_task(self._handle(msg))
         self._running[task] = msg
@@ -246,13 +259,18 @@ class Consumer:
 
     async def _handle(self, msg: Msg) -> None:
         try:
-            attempt, stream_sequence = protocol.parse_ack_subject(msg.reply)
-            delivery = Delivery(msg.data, msg.subject, attempt, msg.headers)
+            delivered, stream_sequence = protocol.parse_ack_subject(msg.reply)
+            delivery = Delivery(msg.data, msg.subject, delivered, msg.headers)
+            if delivered > 1 and self._ledger is not None:
+                delivery = await self._from_ledger(delivery, stream_sequence)
             processed = await process(self._driver, delivery, self._services)
+            if processed.error and processed.message is not None and self._ledger is not None:
+                await self._ledger.record_error(
+                    stream_sequence, processed.message.run_id, delivery.attempt, processed.error
+                )
             await self._settle(msg, processed, stream_sequence)
         except asyncio.CancelledError:
-            await _quietly(msg.nak())
-            self._log.info("run handed back for redelivery", subject=msg.subject)
+            await self._hand_back(msg)
         except Exception:
             self._log.exception("message could not be settled; it will be redelivered")
             await _quietly(msg.nak(delay=1.0))
@@ -264,33 +282,40 @@ class Consumer:
             if not await self._pull():
                 self._wake.set()
 
+    async def _from_ledger(self, delivery: Delivery, stream_sequence: int) -> Delivery:
+        """A redelivery: its real attempt and the errors of the attempts before it."""
+        assert self._ledger is not None
+        run_id = _run_id_of(delivery.data)
+        if run_id is None:  # undecodable: the dispatcher terminates it, whatever the count
+            return delivery
+        record = await self._ledger.read(stream_sequence, run_id)
+        attempt = record.attempt(delivery.attempt)
+        return attrs.evolve(delivery, attempt=attempt, earlier=record.earlier(attempt))
+
+    async def _hand_back(self, msg: Msg) -> None:
+        """Give a run back unfinished (shutdown): recorded first, so it is not an attempt."""
+        if self._ledger is not None:
+            run_id = _run_id_of(msg.data)
+            if run_id is not None:
+                _, stream_sequence = protocol.parse_ack_subject(msg.reply)
+                await self._ledger.count_handback(stream_sequence, run_id)
+        await _quietly(msg.nak())
+        self._log.info("run handed back for redelivery", subject=msg.subject)
+
     async def _settle(self, msg: Msg, processed: Processed, stream_sequence: int) -> None:
         """Publish the result (and await its PubAck), and only then ack, nak or term."""
         outcome: Outcome = processed.outcome
         message = processed.message
         result = outcome.result
         if result is not None and message is not None:
-            body = encode_result(
-                message.run_id,
-                message.payload,
-                result.success,
-                result.message,
-                result.data,
-                self._driver.name,
-            )
             headers = {
                 protocol.MSG_ID_HEADER: protocol.result_message_id(
                     self._driver.name, stream_sequence
                 )
             }
             inject(headers, processed.span_context)
-            if not await self._publish_result(body, headers):
-                self._log.error(
-                    "result could not be published; the message will be redelivered",
-                    run_id=message.run_id,
-                )
-                await msg.nak(delay=5.0)
-                return
+            body = self._fitting_result(message, result, headers)
+            await self._publish_result(body, headers, message.run_id)
         if outcome.action is Action.ACK:
             await msg.ack()
         elif outcome.action is Action.TERM:
@@ -298,16 +323,78 @@ class Consumer:
         else:
             await msg.nak(delay=outcome.delay)
 
-    async def _publish_result(self, body: bytes, headers: dict[str, str]) -> bool:
-        """Publish with retries: the de-duplication header makes a repeat harmless."""
-        for attempt in range(1, _PUBLISH_ATTEMPTS + 1):
+    def _fitting_result(
+        self, message: DriverMessage, result: Result, headers: dict[str, str]
+    ) -> bytes:
+        """The result event, or a failure naming the limit when it exceeds ``max_payload``.
+
+        A result the server cannot take will never fit, however often it is retried or the
+        handler re-run: that is a permanent outcome, reported once and acked.
+        """
+        body = self._encode_result(message, result)
+        limit = self._nc.max_payload
+        if len(body) + _headers_size(headers) <= limit:
+            return body
+        data_size = len(orjson.dumps(result.data))
+        message_size = len(result.message.encode())
+        what, size = ("data", data_size) if data_size >= message_size else ("message", message_size)
+        text = (
+            f"result {what} is {_megabytes(size)}; "
+            f"the NATS server accepts at most {_megabytes(limit)}"
+        )
+        self._log.error(
+            "result too large to publish; reporting a failure", run_id=message.run_id, error=text
+        )
+        return self._encode_result(message, Result.fail(text))
+
+    def _encode_result(self, message: DriverMessage, result: Result) -> bytes:
+        return encode_result(
+            message.run_id,
+            message.payload,
+            result.success,
+            result.message,
+            result.data,
+            self._driver.name,
+        )
+
+    async def _publish_result(self, body: bytes, headers: dict[str, str], run_id: str) -> None:
+        """Publish until the stream has it, however long an election takes.
+
+        The run stays alive meanwhile (in-progress acks go on), and the de-duplication
+        header makes a repeat harmless: a finished build is never re-run only because its
+        result could not be stored for a while. A graceful shutdown still ends the wait
+        (the run is handed back).
+        """
+        delay = 0.1
+        tries = 0
+        while True:
+            tries += 1
             try:
                 await self._publish_acked(protocol.RESULT_SUBJECT, body, headers)
-                return True
+            except (MaxPayloadError, APIError) as exc:
+                if isinstance(exc, MaxPayloadError) or exc.err_code == _TOO_LARGE:
+                    self._log.error(
+                        "result refused as too large; the run is settled without it",
+                        run_id=run_id,
+                        size=len(body),
+                    )
+                    return
+                failure: Exception = exc
             except (NatsError, TimeoutError) as exc:
-                self._log.warning("result publish failed", attempt=attempt, error=str(exc))
-                await asyncio.sleep(min(2.0**attempt / 4, 5.0))
-        return False
+                failure = exc
+            else:
+                if tries > 1:
+                    self._log.info("result published", run_id=run_id, tries=tries)
+                return
+            if tries == 1 or tries % 10 == 0:
+                self._log.warning(
+                    "result not stored yet; retrying",
+                    run_id=run_id,
+                    tries=tries,
+                    error=str(failure) or type(failure).__name__,
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _PUBLISH_MAX_DELAY)
 
     async def _publish_acked(self, subject: str, body: bytes, headers: dict[str, str]) -> None:
         """A JetStream publish: send, then wait for the stream's PubAck or raise.
@@ -351,6 +438,25 @@ class Consumer:
                 if msg is not None and now - touched >= period and not msg.is_acked:
                     self._touched[task] = now
                     await _quietly(msg.in_progress())
+
+
+def _run_id_of(data: bytes) -> str | None:
+    """The run id of a message body, read without the full decode (ledger paths only)."""
+    try:
+        body = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    run_id = body.get("run_id") if isinstance(body, dict) else None
+    return run_id if isinstance(run_id, str) and run_id else None
+
+
+def _headers_size(headers: dict[str, str]) -> int:
+    """Bytes the headers add to a message; the server counts them against max_payload."""
+    return len("NATS/1.0\r\n\r\n") + sum(len(k) + len(v) + 4 for k, v in headers.items())
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1_048_576:.1f} MB"
 
 
 async def _quietly(action: object) -> None:

@@ -39,18 +39,24 @@ _RUN_OUTCOMES = {
     Kind.RETRY: "retry",
     Kind.GAVE_UP: "terminated",
     Kind.UNDECODABLE: "terminated",
-    Kind.UNROUTED: "terminated",
+    Kind.UNROUTED: "failure",
+    Kind.SKIPPED: "skipped",
 }
 
 
 @attrs.frozen
 class Delivery:
-    """What the transport knows of a message: body, subject, delivery count, headers."""
+    """What the transport knows of a message: body, subject, attempt, headers.
+
+    ``attempt`` counts the handler's real starts, not JetStream's deliveries (see
+    :mod:`.ledger`); ``earlier`` describes the attempts before it, when they are known.
+    """
 
     data: bytes
     subject: str
     attempt: int = 1
     headers: Mapping[str, str] | None = None
+    earlier: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -60,6 +66,8 @@ class Processed:
     outcome: Outcome
     message: DriverMessage | None = None
     span_context: SpanContext | None = None
+    #: What the attempt raised, when it failed and will be retried: the ledger keeps it.
+    error: str = ""
 
 
 @attrs.frozen
@@ -84,7 +92,7 @@ async def process(driver: Driver, delivery: Delivery, services: Services) -> Pro
         processed, _ = await _decide(driver, delivery, decoded, services)
         if delivery.headers:  # no SDK: pass the caller's trace context through unchanged
             parent = trace.get_current_span(extract(delivery.headers)).get_span_context()
-            return Processed(processed.outcome, processed.message, parent)
+            return attrs.evolve(processed, span_context=parent)
         return processed
     message = decoded if isinstance(decoded, DriverMessage) else None
     resource_type = (
@@ -133,7 +141,7 @@ async def process(driver: Driver, delivery: Delivery, services: Services) -> Pro
     labels = {"conveyor.resource.type": resource_type, "conveyor.outcome": outcome.kind.value}
     telemetry.process_duration.record(time.perf_counter() - started, labels)
     telemetry.count_run(_RUN_OUTCOMES[outcome.kind])
-    return Processed(outcome, message, span.get_span_context())
+    return attrs.evolve(processed, span_context=span.get_span_context())
 
 
 def _decode(delivery: Delivery, log: FilteringBoundLogger) -> DriverMessage | Processed:
@@ -156,7 +164,7 @@ async def _decide(
     delivery: Delivery,
     decoded: DriverMessage | Processed,
     services: Services,
-) -> tuple[Processed, Exception | None]:
+) -> tuple[Processed, BaseException | None]:
     if isinstance(decoded, Processed):
         return decoded, None
     message = decoded
@@ -171,16 +179,11 @@ async def _decide(
     )
     route = driver.route_for(resource.type, message.event)
     if route is None:
-        log.warning(
-            "message terminated: no handler for this resource type and event",
-            subject=delivery.subject,
-        )
-        return Processed(Outcome(Kind.UNROUTED, Action.TERM), message), None
+        return _unrouted(driver, delivery, message, log), None
 
     if delivery.attempt > driver.max_attempts:
-        outcome = outcomes.gave_up(
-            delivery.attempt - 1, "the handler never finished (the driver stopped mid-run)"
-        )
+        earlier = delivery.earlier or ("the handler never finished (the driver stopped mid-run)",)
+        outcome = outcomes.gave_up(delivery.attempt - 1, earlier[-1], earlier[:-1])
         log.error("run gave up", attempt=delivery.attempt, reason=outcome.result)
         return Processed(outcome, message), None
 
@@ -201,17 +204,48 @@ async def _decide(
     try:
         with run_scope(log):
             value = await _call(route, ctx, services.executor)
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:
-        outcome = outcomes.from_exception(exc, delivery.attempt, driver.max_attempts)
-        _log_exception(log, exc, outcome, delivery.attempt, driver.max_attempts)
-        return Processed(outcome, message), exc
+    except BaseException as exc:
+        # SystemExit, KeyboardInterrupt & co. raised by a handler are its failure, not a
+        # request to stop the driver: signals reach the runtime through its own handlers.
+        # A cancellation is the runtime's own (shutdown) only when this task is cancelling.
+        if isinstance(exc, asyncio.CancelledError) and _cancelling():
+            raise
+        attempt, max_attempts = delivery.attempt, driver.max_attempts
+        outcome = outcomes.from_exception(exc, attempt, max_attempts, delivery.earlier)
+        _log_exception(log, exc, outcome, attempt, max_attempts)
+        error = outcomes.describe(exc) if outcome.kind is Kind.RETRY else ""
+        return Processed(outcome, message, error=error), exc
     finally:
         inflight.add(-1)
     outcome = outcomes.from_return(value)
     _log_result(log, outcome)
     return Processed(outcome, message), None
+
+
+def _unrouted(
+    driver: Driver, delivery: Delivery, message: DriverMessage, log: FilteringBoundLogger
+) -> Processed:
+    """No handler takes this event: skip a broadcast, report a step addressed to us.
+
+    A broadcast (``resources.<type>``) goes to every driver of the type, so not handling
+    some of its events is normal. A step addressed to this driver is the pipeline waiting
+    for it: without a result the pipeline would stall forever, so a failure moves it on.
+    """
+    resource_type = message.payload.type
+    if not protocol.is_addressed(delivery.subject):
+        log.debug("event skipped: no handler for it", subject=delivery.subject)
+        return Processed(Outcome(Kind.SKIPPED, Action.ACK), message)
+    text = (
+        f"driver {driver.name!r} has no handler for event {message.event!r} "
+        f"of type {resource_type!r}"
+    )
+    log.warning("step failed: no handler for it", subject=delivery.subject, result=text)
+    return Processed(Outcome(Kind.UNROUTED, Action.ACK, outcomes.Result.fail(text)), message)
+
+
+def _cancelling() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _call(route: Route, ctx: Context, executor: Executor | None) -> Awaitable[Any]:
@@ -238,7 +272,7 @@ def _log_result(log: FilteringBoundLogger, outcome: Outcome) -> None:
 
 def _log_exception(
     log: FilteringBoundLogger,
-    exc: Exception,
+    exc: BaseException,
     outcome: Outcome,
     attempt: int,
     max_attempts: int,

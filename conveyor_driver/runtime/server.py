@@ -15,8 +15,10 @@ import signal
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
+from .. import protocol
 from ..api import ConveyorClient
 from ..app import call_hook
+from ..errors import ConveyorDriverError
 from ..logs.chain import build_logger
 from ..logs.loki import LokiSink
 from ..logs.nats import NatsLogSink
@@ -25,12 +27,15 @@ from ..settings import Settings
 from ..telemetry import Telemetry
 from ..tls import load_tls
 from .connection import connect
-from .consumer import Consumer
+from .consumer import Consumer, ensure_consumer, ensuring_what
 from .dispatcher import Services
+from .ledger import RunLedger
 from .probes import DriverState, start_probes
+from .startup import until_ready
 
 if TYPE_CHECKING:
-    from structlog.typing import Processor
+    from nats.aio.client import Client
+    from structlog.typing import FilteringBoundLogger, Processor
 
     from ..app import Driver
 
@@ -86,14 +91,24 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
             if consumer is not None:
                 consumer.connection_restored()
 
+        deadline = asyncio.get_running_loop().time() + settings.startup_timeout
         nc = await connect(
             urls,
             name=f"conveyor-driver:{driver.name}",
             log=log,
             on_reconnect=on_reconnect,
             tls=nats_tls,
+            timeout=settings.startup_timeout,
         )
         stack.push_async_callback(_close, nc)
+        await until_ready(
+            lambda: ensure_consumer(nc, driver),
+            ensuring_what(driver),
+            nc=nc,
+            deadline=deadline,
+            log=log,
+        )
+        ledger = await _open_ledger(nc, driver, deadline, log)
         state.nc = nc
         api = ConveyorClient.from_settings(settings, tls, log=log)
         stack.push_async_callback(api.close)
@@ -106,8 +121,8 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
             Services(log=log, api=api, executor=executor, telemetry=telemetry),
             concurrency=concurrency,
             log=log,
+            ledger=ledger,
         )
-        await consumer.ensure()
         sink.start(nc)
         stack.push_async_callback(sink.close)
         for hook in driver.startup_hooks:
@@ -137,6 +152,28 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
                     log.exception("shutdown hook failed", hook=getattr(hook, "__qualname__", hook))
             await sink.close()
             log.info("driver stopped", handled=consumer.handled, log_lines_sent=sink.sent)
+
+
+async def _open_ledger(
+    nc: Client, driver: Driver, deadline: float, log: FilteringBoundLogger
+) -> RunLedger | None:
+    """The run ledger, or None (said loudly) where JetStream will not keep one."""
+    js = nc.jetstream()
+    try:
+        return await until_ready(
+            lambda: RunLedger.open(js, driver.name, log),
+            f"open the run ledger {protocol.ledger_bucket(driver.name)!r}",
+            nc=nc,
+            deadline=deadline,
+            log=log,
+        )
+    except ConveyorDriverError as exc:
+        log.error(
+            "run ledger unavailable: attempts are counted from JetStream deliveries, "
+            "so runs handed back by a shutdown count as attempts",
+            error=str(exc),
+        )
+        return None
 
 
 async def _close(nc: object) -> None:

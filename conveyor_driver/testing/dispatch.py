@@ -22,7 +22,9 @@ class DispatchReport:
     """What the runtime would do: publish ``result`` (if any), then ``action``.
 
     ``action`` is ``"ack"``, ``"nak"`` (redelivered after ``delay`` seconds) or ``"term"``;
-    ``kind`` says why (``success``, ``failure``, ``retry``, ``gave_up``, ...).
+    ``kind`` says why: ``success``, ``failure``, ``retry``, ``gave_up``, ``undecodable``,
+    ``unrouted`` (a step addressed to this driver that no handler takes: a failure result)
+    or ``skipped`` (a broadcast event no handler takes: acked quietly).
     """
 
     result: Result | None
@@ -40,8 +42,16 @@ async def dispatch(
     *,
     run_id: str | None = None,
     api: ConveyorClient | None = None,
+    addressed: bool | None = None,
 ) -> DispatchReport:
-    """Encode the event as the server would and run it through the real dispatcher."""
+    """Encode the event as the server would and run it through the real dispatcher.
+
+    ``attempt`` is the handler's attempt (the last one, ``max_attempts``, gives up on an
+    error). ``addressed`` says whether the event comes as a pipeline step addressed to this
+    driver (``drivers.<driver>.resources.<type>``) or as a broadcast (``resources.<type>``);
+    by default a ``process`` event is a step and any other event a broadcast, as the
+    server sends them.
+    """
     res = as_resource(resource)
     message = DriverMessage(
         event=event, payload=res, run_id=run_id or str(uuid.uuid4()), id=str(uuid.uuid4())
@@ -53,7 +63,11 @@ async def dispatch(
     )
     delivery = Delivery(
         data=encode_driver_message(message),
-        subject=protocol.resource_subject(res.type or "unknown"),
+        subject=(
+            protocol.driver_resource_subject(driver.name, res.type or "unknown")
+            if (event == "process" if addressed is None else addressed)
+            else protocol.resource_subject(res.type or "unknown")
+        ),
         attempt=attempt,
     )
     processed = await process(driver, delivery, services)
