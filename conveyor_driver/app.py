@@ -170,10 +170,24 @@ class Driver:
         await serve(self, settings)
 
     def run(self, settings: Settings | None = None) -> None:
-        """Serve until SIGINT/SIGTERM; settings default to the CONVEYOR_* environment."""
-        from .settings import Settings
+        """Serve until SIGINT/SIGTERM; settings default to the CONVEYOR_* environment.
 
-        asyncio.run(self.serve(settings or Settings.from_env()))
+        ``conveyor-driver run`` comes through here too, so a driver started from Python
+        and one started from the command line read the same variables and install the
+        OpenTelemetry SDK from the same ``OTEL_*`` variables.
+        """
+        from .settings import Settings
+        from .telemetry import configure_from_env
+
+        settings = settings if settings is not None else Settings.from_env()
+        shutdown_telemetry = configure_from_env(
+            self.name, prometheus=settings.http_port is not None
+        )
+        try:
+            asyncio.run(self.serve(settings))
+        finally:
+            if shutdown_telemetry is not None:
+                shutdown_telemetry()
 
 
 def _describe_overlap(a: Route, b: Route) -> str:

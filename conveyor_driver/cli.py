@@ -1,8 +1,11 @@
 """The ``conveyor-driver`` command: run a driver, emit a test event, list routes, follow logs.
 
-Every option can also be set with a ``CONVEYOR_<OPTION>`` environment variable. Mistakes a
-user can make (a bad app path, an unreachable NATS, a missing stream) print one line and
-exit 1; ``--log-level debug`` adds the traceback.
+Every option can also be set with a ``CONVEYOR_*`` environment variable, which ``--help``
+names. Click itself reads no variable: the options are generated from the table in
+:mod:`conveyor_driver.settings`, and only the values given on the command line are handed
+to its one reader, so ``conveyor-driver run`` and ``driver.run()`` cannot drift apart.
+Mistakes a user can make (a bad app path or setting, an unreachable NATS, a missing stream)
+print one line and exit 1; ``--log-level debug`` adds the traceback.
 """
 
 from __future__ import annotations
@@ -13,73 +16,129 @@ import sys
 import traceback
 from collections.abc import Callable, Coroutine
 from functools import wraps
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 import orjson
+from click.core import ParameterSource
 
 from . import protocol
-from .errors import ConveyorDriverError
+from .errors import ConfigurationError, ConveyorDriverError
 from .loader import load_driver
-from .logs.loki import LokiConfig
 from .models import converter, resource_from_json
 from .settings import (
-    DEFAULT_API_URL,
-    DEFAULT_NATS_URL,
-    LOG_FORMATS,
-    LOG_LEVELS,
+    COMMAND_VARIABLES,
+    VARIABLES,
     Settings,
-    parse_labels,
+    Variable,
+    command_values,
+    decimal,
+    path,
+    split_urls,
+    whole,
 )
-from .telemetry import configure_from_env
 
 if TYPE_CHECKING:
+    from .app import Driver
     from .tls import TLSConfig
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-_nats_url = click.option(
-    "--nats-url",
-    envvar="CONVEYOR_NATS_URL",
-    default=DEFAULT_NATS_URL,
-    show_default=True,
-    help="NATS server URL(s), comma-separated.",
+_SETTING = {variable.key: variable for variable in VARIABLES}
+_TLS = ("tls_cert", "tls_key", "tls_ca")
+_LOKI = tuple(key for key in _SETTING if key.startswith("loki_"))
+_RUN = (
+    "nats_urls",
+    "api_url",
+    "concurrency",
+    "log_level",
+    "log_format",
+    "embedded",
+    "embedded_port",
+    "embedded_dir",
+    "http_port",
+    "http_host",
+    "startup_timeout",
+    *_LOKI,
+    *_TLS,
 )
 
 
-def _tls_options(command: F) -> F:
-    """The driver's identity on a secured Conveyor: mutual TLS to NATS, signed API calls."""
-    path = click.Path(dir_okay=False, path_type=Path)
-    options = [
-        click.option(
-            "--tls-cert",
-            envvar="CONVEYOR_TLS_CERT",
-            type=path,
-            help="PEM certificate chain of the driver, leaf first.",
-        ),
-        click.option(
-            "--tls-key",
-            envvar="CONVEYOR_TLS_KEY",
-            type=path,
-            help="PEM private key of the leaf certificate (RSA or EC).",
-        ),
-        click.option(
-            "--tls-ca",
-            envvar="CONVEYOR_TLS_CA",
-            type=path,
-            help="PEM CA certificate(s) the servers' certificates are checked against.",
-        ),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+_METAVARS: dict[Callable[[str], Any], str] = {
+    whole: "INTEGER",
+    decimal: "NUMBER",
+    path: "PATH",
+    split_urls: "URL[,URL]",
+}
 
 
-def _nats_tls(options: dict[str, Any]) -> ssl.SSLContext | None:
+def _option(variable: Variable) -> Callable[[F], F]:
+    """A click option for ``variable``; its help names the variable (and the default)."""
+    extras = f"[env: {variable.name}]"
+    if variable.default is not None:
+        extras += f" [default: {variable.default}]"
+    decl = variable.option
+    if variable.kind == "switch":
+        decl = f"{decl}/--no-{decl[2:]}"
+    return click.option(
+        decl,
+        variable.key,
+        is_flag=variable.kind in ("flag", "switch"),
+        multiple=variable.kind == "many",
+        default=None,
+        metavar=variable.metavar or _METAVARS.get(variable.parse),
+        help=f"{variable.help} {extras}".strip(),
+    )
+
+
+def _options(*keys: str, command: str | None = None) -> Callable[[F], F]:
+    """The options of these settings keys, then those of ``command``'s own variables."""
+    variables = list(COMMAND_VARIABLES.get(command or "", ()))
+    variables += [_SETTING[key] for key in keys]
+
+    def decorate(function: F) -> F:
+        for variable in reversed(variables):
+            function = _option(variable)(function)
+        return function
+
+    return decorate
+
+
+def _given(params: dict[str, Any], keys: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """The parameters among ``keys`` that were written on the command line."""
+    ctx = click.get_current_context()
+    return {
+        key: params[key]
+        for key in keys
+        if ctx.get_parameter_source(key) is ParameterSource.COMMANDLINE
+    }
+
+
+def _settings(params: dict[str, Any], keys: tuple[str, ...]) -> Settings:
+    """Settings from the environment and this command's options: one reader for both."""
+    settings = Settings.from_env(**_given(params, keys))
+    click.get_current_context().meta["debug"] = settings.log_level == "debug"
+    return settings
+
+
+def _own(params: dict[str, Any], command: str) -> dict[str, Any]:
+    """The values of ``command``'s own options: the command line, else the variable."""
+    keys = [variable.key for variable in COMMAND_VARIABLES[command]]
+    return command_values(command, _given(params, keys))
+
+
+def _app(app: str | None) -> str:
+    """APP from the command line or CONVEYOR_APP."""
+    resolved = app or command_values("app", {}).get("app")
+    if not resolved:
+        raise click.UsageError("Missing argument 'APP' (or set CONVEYOR_APP).")
+    return str(resolved)
+
+
+def _nats_tls(settings: Settings) -> ssl.SSLContext | None:
     from .tls import load_tls
 
-    tls = load_tls(options["tls_cert"], options["tls_key"], options["tls_ca"])
+    tls = load_tls(settings.tls_cert, settings.tls_key, settings.tls_ca)
     return tls.ssl_context() if tls is not None else None
 
 
@@ -88,11 +147,10 @@ def _friendly_errors(command: F) -> F:
 
     @wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        debug = kwargs.get("log_level") == "debug"
         try:
             return command(*args, **kwargs)
         except ConveyorDriverError as exc:
-            if debug:
+            if click.get_current_context().meta.get("debug"):
                 traceback.print_exc()
             click.echo(f"Error: {exc}", err=True)
             sys.exit(1)
@@ -112,163 +170,29 @@ def main() -> None:
     """Write and run Conveyor CI drivers in Python."""
 
 
-def _loki_options(command: F) -> F:
-    """The ``--loki-*`` options of ``run``; with no --loki-url, no Loki code runs."""
-    options = [
-        click.option("--loki-url", envvar="CONVEYOR_LOKI_URL", help="Grafana Loki base URL."),
-        click.option("--loki-tenant", envvar="CONVEYOR_LOKI_TENANT", help="X-Scope-OrgID."),
-        click.option("--loki-user", envvar="CONVEYOR_LOKI_USER", help="Basic auth user."),
-        click.option("--loki-password", envvar="CONVEYOR_LOKI_PASSWORD"),
-        click.option("--loki-token", envvar="CONVEYOR_LOKI_TOKEN", help="Bearer token."),
-        click.option(
-            "--loki-label",
-            envvar="CONVEYOR_LOKI_LABEL",
-            multiple=True,
-            metavar="KEY=VALUE",
-            help="A static label on every line (repeatable).",
-        ),
-        click.option(
-            "--loki-batch-wait",
-            envvar="CONVEYOR_LOKI_BATCH_WAIT",
-            type=click.FloatRange(min=0.01),
-            default=1.0,
-            show_default=True,
-            help="Seconds a batch gathers before it is sent.",
-        ),
-        click.option(
-            "--loki-batch-bytes",
-            envvar="CONVEYOR_LOKI_BATCH_BYTES",
-            type=click.IntRange(min=1024),
-            default=1_048_576,
-            show_default=True,
-        ),
-        click.option(
-            "--loki-format",
-            envvar="CONVEYOR_LOKI_FORMAT",
-            type=click.Choice(["logfmt", "json"]),
-            default="logfmt",
-            show_default=True,
-            help="How each line is rendered.",
-        ),
-        click.option(
-            "--loki-structured-metadata/--no-loki-structured-metadata",
-            envvar="CONVEYOR_LOKI_STRUCTURED_METADATA",
-            default=True,
-            show_default=True,
-            help="Off for Loki 2.x: run ids then go into the line instead.",
-        ),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+_APP = click.argument("app", required=False, metavar="APP")
 
 
 @main.command()
-@click.argument("app", envvar="CONVEYOR_APP")
-@_nats_url
-@click.option(
-    "--api-url",
-    envvar="CONVEYOR_API_URL",
-    default=DEFAULT_API_URL,
-    show_default=True,
-    help="Conveyor API server URL.",
-)
-@click.option(
-    "--concurrency",
-    envvar="CONVEYOR_CONCURRENCY",
-    type=click.IntRange(min=1),
-    help="Handlers running at once (default: the Driver's).",
-)
-@click.option(
-    "--log-level",
-    envvar="CONVEYOR_LOG_LEVEL",
-    type=click.Choice(LOG_LEVELS, case_sensitive=False),
-    default="info",
-    show_default=True,
-)
-@click.option(
-    "--log-format",
-    envvar="CONVEYOR_LOG_FORMAT",
-    type=click.Choice(LOG_FORMATS, case_sensitive=False),
-    default="auto",
-    show_default=True,
-    help="console (pretty), json (one object a line), auto (console on a terminal).",
-)
-@click.option(
-    "--embedded",
-    envvar="CONVEYOR_EMBEDDED",
-    is_flag=True,
-    help="Start a local nats-server with the Conveyor streams and use it.",
-)
-@click.option("--embedded-port", envvar="CONVEYOR_EMBEDDED_PORT", type=int, default=None)
-@click.option(
-    "--embedded-dir",
-    envvar="CONVEYOR_EMBEDDED_DIR",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="JetStream storage of the embedded server (default: a temporary directory).",
-)
-@click.option(
-    "--http-port",
-    envvar="CONVEYOR_HTTP_PORT",
-    type=click.IntRange(1, 65535),
-    default=None,
-    help="Serve /healthz, /readyz and /metrics on this port (off by default).",
-)
-@_loki_options
-@_tls_options
+@_APP
+@_options(*_RUN)
 @_friendly_errors
-def run(app: str, **options: Any) -> None:
-    """Serve the driver APP (module:attr or path/to/file.py:attr) until SIGINT/SIGTERM."""
-    driver = load_driver(app)
-    settings = Settings(
-        nats_urls=options["nats_url"],
-        api_url=options["api_url"],
-        concurrency=options["concurrency"],
-        log_level=options["log_level"].lower(),
-        log_format=options["log_format"].lower(),
-        embedded=options["embedded"],
-        embedded_port=options["embedded_port"],
-        embedded_dir=options["embedded_dir"],
-        loki=_loki_config(options),
-        http_port=options["http_port"],
-        tls_cert=options["tls_cert"],
-        tls_key=options["tls_key"],
-        tls_ca=options["tls_ca"],
-    )
-    shutdown_telemetry = configure_from_env(driver.name, prometheus=settings.http_port is not None)
-    try:
-        _run_async(driver.serve(settings))
-    finally:
-        if shutdown_telemetry is not None:
-            shutdown_telemetry()
+def run(app: str | None, **options: Any) -> None:
+    """Serve the driver APP (module:attr or path/to/file.py:attr) until SIGINT/SIGTERM.
 
-
-def _loki_config(options: dict[str, Any]) -> LokiConfig | None:
-    if not options["loki_url"]:
-        return None
-    if options["loki_token"] and options["loki_user"]:
-        raise click.UsageError("give either --loki-user/--loki-password or --loki-token")
-    return LokiConfig(
-        url=options["loki_url"],
-        tenant=options["loki_tenant"],
-        username=options["loki_user"],
-        password=options["loki_password"],
-        token=options["loki_token"],
-        labels=parse_labels(options["loki_label"]),
-        batch_wait=options["loki_batch_wait"],
-        batch_bytes=options["loki_batch_bytes"],
-        line_format=options["loki_format"],
-        structured_metadata=options["loki_structured_metadata"],
-    )
+    APP may also come from CONVEYOR_APP.
+    """
+    settings = _settings(options, _RUN)
+    driver: Driver = load_driver(_app(app))
+    driver.run(settings)
 
 
 @main.command()
-@click.argument("app", envvar="CONVEYOR_APP")
+@_APP
 @_friendly_errors
-def routes(app: str) -> None:
+def routes(app: str | None) -> None:
     """List APP's handlers, what they answer to, and the subjects its consumer reads."""
-    driver = load_driver(app)
+    driver = load_driver(_app(app))
     click.echo(
         f"driver {driver.name} (consumer {driver.name!r} on stream {protocol.MESSAGES_STREAM!r})"
     )
@@ -284,25 +208,23 @@ def routes(app: str) -> None:
 
 
 @main.command()
-@click.argument("app", envvar="CONVEYOR_APP")
-@_nats_url
-@_tls_options
+@_APP
+@_options("nats_urls", *_TLS)
 @_friendly_errors
-def status(app: str, nats_url: str, **tls_options: Any) -> None:
+def status(app: str | None, **options: Any) -> None:
     """Show APP's consumer as the server sees it: backlog, in flight, redeliveries."""
-    driver = load_driver(app)
-    _run_async(_status(driver.name, nats_url, _nats_tls(tls_options)))
+    settings = _settings(options, ("nats_urls", *_TLS))
+    driver = load_driver(_app(app))
+    _run_async(_status(driver.name, settings.nats_urls, _nats_tls(settings)))
 
 
-async def _status(name: str, nats_url: str, tls: ssl.SSLContext | None = None) -> None:
+async def _status(name: str, urls: tuple[str, ...], tls: ssl.SSLContext | None = None) -> None:
     from nats.js.errors import NotFoundError
 
     from .logs.chain import build_logger
     from .runtime.connection import connect
 
-    nc = await connect(
-        nats_url.split(","), name="conveyor-driver:status", log=build_logger(), tls=tls
-    )
+    nc = await connect(urls, name="conveyor-driver:status", log=build_logger(), tls=tls)
     try:
         try:
             info = await nc.jetstream().consumer_info(protocol.MESSAGES_STREAM, name)
@@ -335,69 +257,74 @@ def _when(moment: Any) -> str:
 @main.command()
 @click.argument("resource_type")
 @click.argument("name")
-@click.option("--spec", default="{}", show_default=True, help="The resource spec as JSON.")
-@click.option("--event", default="create", show_default=True)
-@click.option("--driver", help="Address a pipeline step to this driver.")
-@click.option("--pipeline", default="", help="The pipeline the resource belongs to.")
-@click.option("--wait", is_flag=True, help="Print the result event of this run.")
-@click.option("--timeout", default=60.0, show_default=True, help="Seconds --wait waits.")
-@_nats_url
-@_tls_options
+@_options("nats_urls", *_TLS, command="emit")
 @_friendly_errors
-def emit(
-    resource_type: str,
-    name: str,
-    spec: str,
-    event: str,
-    driver: str | None,
-    pipeline: str,
-    wait: bool,
-    timeout: float,
-    nats_url: str,
-    **tls_options: Any,
-) -> None:
+def emit(resource_type: str, name: str, **options: Any) -> None:
     """Publish a RESOURCE_TYPE event for NAME exactly as the Conveyor server would."""
+    from .emit import check_event
+
+    own = _own(options, "emit")
+    settings = _settings(options, ("nats_urls", *_TLS))
     try:
-        spec_value = orjson.loads(spec)
+        spec_value = orjson.loads(own["spec"])
     except orjson.JSONDecodeError as exc:
-        raise click.BadParameter(f"not JSON: {exc}", param_hint="--spec") from None
-    for label, token in (("resource type", resource_type), ("driver", driver or "x")):
-        if not protocol.is_subject_token(token):
-            raise click.BadParameter(f"{label} {token!r} is not a NATS subject token")
-    resource = resource_from_json(
-        {"name": name, "resource": resource_type, "pipeline": pipeline, "spec": spec_value}
+        if "spec" in _given(options, ["spec"]):
+            raise click.BadParameter(f"not JSON: {exc}", param_hint="--spec") from None
+        raise ConfigurationError(f"CONVEYOR_EMIT_SPEC is not JSON: {exc}") from None
+    check_event(
+        resource_type,
+        name,
+        event=own["event"],
+        driver=own["driver"],
+        pipeline=own["pipeline"] or "",
     )
-    nats_tls = _nats_tls(tls_options)
-    _run_async(_emit(nats_url, resource, event, driver, wait, timeout, nats_tls))
+    resource = resource_from_json(
+        {
+            "name": name,
+            "resource": resource_type,
+            "pipeline": own["pipeline"] or "",
+            "spec": spec_value,
+        }
+    )
+    nats_tls = _nats_tls(settings)
+    _run_async(_emit(settings.nats_urls, resource, own, nats_tls))
 
 
 async def _emit(
-    nats_url: str,
-    resource: Any,
-    event: str,
-    driver: str | None,
-    wait: bool,
-    timeout: float,
-    tls: ssl.SSLContext | None = None,
+    urls: tuple[str, ...], resource: Any, own: dict[str, Any], tls: ssl.SSLContext | None
 ) -> None:
-    from .emit import emit_event, watch_results
+    from .emit import consumers_of, emit_event, subject_of, watch_results
     from .logs.chain import build_logger
     from .runtime.connection import connect
 
+    event, driver, timeout = own["event"], own["driver"], own["timeout"]
     log = build_logger(level="warning")
-    nc = await connect(nats_url.split(","), name="conveyor-driver:emit", log=log, tls=tls)
+    nc = await connect(urls, name="conveyor-driver:emit", log=log, tls=tls)
     try:
         async with watch_results(nc) as watch:
+            subject = subject_of(resource.type, driver)
+            # The messages stream keeps only what some consumer wants: with nobody to
+            # answer, waiting for a result could only end in a time-out.
+            consumers = await consumers_of(nc, subject) if own["wait"] else []
+            if own["wait"] and not consumers:
+                raise _NoResult(
+                    f"no driver consumes {subject}: no consumer of stream "
+                    f"{protocol.MESSAGES_STREAM!r} filters it, so the stream keeps nothing; "
+                    "start a driver that handles it, then emit again"
+                )
             message = await emit_event(nc, resource, event=event, driver=driver)
             click.echo(
                 f"emitted {event} {resource.type}/{resource.name} run_id={message.run_id}", err=True
             )
-            if not wait:
+            if not own["wait"]:
                 return
             try:
                 result = await watch.wait(message.run_id, timeout)
             except TimeoutError:
-                raise _NoResult(f"no result for run {message.run_id} within {timeout:g}s") from None
+                raise _NoResult(
+                    f"no result for run {message.run_id} within {timeout:g}s (consumed by "
+                    f"{', '.join(consumers)}: is one of these drivers running?)"
+                ) from None
             click.echo(
                 orjson.dumps(converter.unstructure(result), option=orjson.OPT_INDENT_2).decode()
             )
@@ -413,22 +340,16 @@ class _NoResult(ConveyorDriverError):
 
 @main.command()
 @click.argument("run_id")
-@click.option("--driver", help="Only this driver's lines (default: every driver of the run).")
-@click.option(
-    "--api-url",
-    envvar="CONVEYOR_API_URL",
-    default=DEFAULT_API_URL,
-    show_default=True,
-    help="Conveyor API server URL.",
-)
-@_tls_options
+@_options("api_url", *_TLS, command="logs")
 @_friendly_errors
-def logs(run_id: str, driver: str | None, api_url: str, **tls_options: Any) -> None:
+def logs(run_id: str, **options: Any) -> None:
     """Follow RUN_ID's log lines from the API server as they come, until it ends the stream."""
     from .tls import load_tls
 
-    tls = load_tls(tls_options["tls_cert"], tls_options["tls_key"], tls_options["tls_ca"])
-    _run_async(_logs(Settings(api_url=api_url), tls, run_id, driver))
+    settings = _settings(options, ("api_url", *_TLS))
+    driver = _own(options, "logs")["driver"]
+    tls = load_tls(settings.tls_cert, settings.tls_key, settings.tls_ca)
+    _run_async(_logs(settings, tls, run_id, driver))
 
 
 async def _logs(settings: Settings, tls: TLSConfig | None, run_id: str, driver: str | None) -> None:

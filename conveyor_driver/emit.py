@@ -12,8 +12,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from nats.aio.client import Client
+from nats.js.errors import NoStreamResponseError, NotFoundError
 
 from . import protocol
+from .errors import ConfigurationError, StreamMissingError
 from .models import (
     DecodeError,
     DriverMessage,
@@ -22,6 +24,88 @@ from .models import (
     decode_pipeline_event,
     encode_driver_message,
 )
+
+
+def check_event(
+    resource_type: str,
+    name: str,
+    *,
+    event: str = "create",
+    driver: str | None = None,
+    pipeline: str = "",
+) -> None:
+    """Refuse, with one line, an event the Conveyor server would never send.
+
+    The rules are the server's (open-ug/conveyor): ``POST /resources/`` refuses an empty
+    resource type, and publishes on ``resources.<type>``, or the pipeline engine on
+    ``drivers.<driver>.resources.<type>``, so both are single subject tokens; a resource is
+    stored as ``/resources/<type>/<name>`` and addressed as ``/resources/{type}/{name}``,
+    whose handlers refuse an empty name, so a name is non-empty and has no ``/`` (nor has
+    a pipeline name, addressed as ``/pipelines/{name}``). Anything else would publish an
+    event no driver is written for, or on a subject nobody consumes.
+    """
+    token = "non-empty, without whitespace, '.', '*' or '>' (it is a NATS subject token)"
+    if not protocol.is_subject_token(resource_type):
+        raise ConfigurationError(
+            f"resource type {resource_type!r} is not usable: it must be {token}"
+        )
+    if driver is not None and not protocol.is_subject_token(driver):
+        raise ConfigurationError(f"driver {driver!r} is not usable: it must be {token}")
+    if not name or "/" in name:
+        raise ConfigurationError(
+            f"resource name {name!r} is not usable: the Conveyor server needs a non-empty "
+            "name without '/' (it addresses resources as /resources/TYPE/NAME)"
+        )
+    if "/" in pipeline:
+        raise ConfigurationError(f"pipeline {pipeline!r} is not usable: a pipeline name has no '/'")
+    if not event.strip():
+        raise ConfigurationError("event must not be empty (the server sends create or process)")
+
+
+def subject_of(resource_type: str, driver: str | None = None) -> str:
+    """The subject an event for ``resource_type`` goes to, addressed to ``driver`` or not."""
+    if driver:
+        return protocol.driver_resource_subject(driver, resource_type)
+    return protocol.resource_subject(resource_type)
+
+
+def _stream_missing(subject: str) -> StreamMissingError:
+    return StreamMissingError(
+        f"stream {protocol.MESSAGES_STREAM!r} does not exist on this NATS server, so nothing "
+        f"stores {subject}: start the Conveyor server first, or a driver with --embedded"
+    )
+
+
+def subject_matches(pattern: str, subject: str) -> bool:
+    """Whether a NATS filter ``pattern`` (``*`` one token, ``>`` the rest) takes ``subject``."""
+    wanted, tokens = pattern.split("."), subject.split(".")
+    for index, token in enumerate(wanted):
+        if token == ">":
+            return len(tokens) > index
+        if index >= len(tokens) or token not in ("*", tokens[index]):
+            return False
+    return len(wanted) == len(tokens)
+
+
+async def consumers_of(nc: Client, subject: str) -> list[str]:
+    """Names of the consumers of the ``messages`` stream whose filters take ``subject``.
+
+    The stream keeps a message only while some consumer is interested in it, so an empty
+    list means an event published there is dropped at once and no result can ever come.
+    """
+    try:
+        infos = await nc.jetstream().consumers_info(protocol.MESSAGES_STREAM)
+    except NotFoundError:
+        raise _stream_missing(subject) from None
+    names = []
+    for info in infos:
+        config = info.config
+        filters = config.filter_subjects or (
+            [config.filter_subject] if config.filter_subject else []
+        )
+        if not filters or any(subject_matches(f, subject) for f in filters):
+            names.append(str(info.name))
+    return sorted(names)
 
 
 async def emit_event(
@@ -35,20 +119,25 @@ async def emit_event(
     """Publish a DriverMessage and await the stream's acknowledgement.
 
     Without ``driver`` it goes to ``resources.<type>`` (a resource created outside a
-    pipeline); with it, to ``drivers.<driver>.resources.<type>`` (a pipeline step).
+    pipeline); with it, to ``drivers.<driver>.resources.<type>`` (a pipeline step). What
+    :func:`check_event` refuses is refused here too, before anything is sent.
     """
+    check_event(
+        resource.type, resource.name, event=event, driver=driver, pipeline=resource.pipeline
+    )
     message = DriverMessage(
         event=event,
         payload=resource,
         run_id=run_id or str(uuid.uuid4()),
         id=str(uuid.uuid4()),
     )
-    subject = (
-        protocol.driver_resource_subject(driver, resource.type)
-        if driver
-        else protocol.resource_subject(resource.type)
-    )
-    await nc.jetstream().publish(subject, encode_driver_message(message))
+    subject = subject_of(resource.type, driver)
+    try:
+        await nc.jetstream().publish(subject, encode_driver_message(message))
+    except NoStreamResponseError:
+        # No stream takes the subject: nats-py's "no response from stream" means the
+        # Conveyor streams were never created on this server.
+        raise _stream_missing(subject) from None
     return message
 
 

@@ -33,3 +33,22 @@ class ConsumerSetupError(ConveyorDriverError):
 
 class EmbeddedServerError(ConveyorDriverError):
     """The embedded nats-server could not be found or started."""
+
+
+class InvalidSettingError(ConfigurationError):
+    """A settings value a validator refused, with the fields at fault.
+
+    Why the fields travel with the error: the same value can come from a ``CONVEYOR_*``
+    variable, a command-line option or Python, and the one line a user reads must name the
+    place they wrote it. The reader (``Settings.from_env``) relabels the fields.
+    """
+
+    def __init__(self, problem: str, *fields: str) -> None:
+        self.problem = problem
+        self.fields = fields
+        super().__init__(f"{' and '.join(fields)} {problem}")
+
+    def naming(self, label: dict[str, str]) -> ConfigurationError:
+        """The same error with each field named as ``label`` says (its variable or option)."""
+        names = " and ".join(label.get(field, field) for field in self.fields)
+        return ConfigurationError(f"{names} {self.problem}")

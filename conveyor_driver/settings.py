@@ -1,64 +1,408 @@
-"""Where the driver connects and how it logs: read from CLI options or CONVEYOR_* variables.
+"""Where the driver connects and how it logs: one table of ``CONVEYOR_*`` variables, one reader.
 
 The :class:`~conveyor_driver.Driver` says *what* the driver does and how hard it works
 (concurrency, attempts); ``Settings`` says *where* it runs, which differs per deployment.
+
+Why one table: ``driver.run()`` and ``conveyor-driver run`` used to read the environment
+each in their own way, and drifted (variables one of them ignored, values one refused and
+the other took). Now :data:`VARIABLES` names every variable once, with its field, its parser
+and its command-line option; :meth:`Settings.from_env` is the only reader, the CLI passes it
+the options given on its command line as overrides, and the validators on the settings
+classes are the only rules. An invalid value is one :class:`ConfigurationError` line naming
+the variable or the option it came from.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
 
-from .errors import ConfigurationError
-from .logs.loki import LokiConfig
+from . import validation
+from .errors import ConfigurationError, InvalidSettingError
+from .logs.loki import LINE_FORMATS, LokiConfig, parse_labels
+
+__all__ = [
+    "COMMAND_VARIABLES",
+    "VARIABLES",
+    "Settings",
+    "Variable",
+    "command_values",
+    "parse_labels",
+    "read_environment",
+]
 
 DEFAULT_NATS_URL = "nats://localhost:4222"
 DEFAULT_API_URL = "http://localhost:8080"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "console", "json")
-MAX_STATIC_LABELS = 12
-_LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+NATS_SCHEMES = ("nats", "tls", "ws", "wss")
+_NATS_RULE = "NATS URLs start with nats://, tls://, ws:// or wss://"
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
 
 
-def _split_urls(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+# --- parsers: text of a variable or an option → a typed value, or ValueError(problem) ---------
+
+
+def text(value: str) -> str:
+    return value
+
+
+def lower(value: str) -> str:
+    return value.strip().lower()
+
+
+def whole(value: str) -> int:
+    try:
+        return int(value.strip())
+    except ValueError:
+        raise ValueError(f"must be a whole number, not {value!r}") from None
+
+
+def decimal(value: str) -> float:
+    try:
+        return float(value.strip())
+    except ValueError:
+        raise ValueError(f"must be a number, not {value!r}") from None
+
+
+def boolean(value: str) -> bool:
+    word = value.strip().lower()
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    raise ValueError(f"must be one of {', '.join(_TRUE + _FALSE)}, not {value!r}")
+
+
+def path(value: str) -> Path:
+    return Path(value)
+
+
+def split_urls(value: str | Sequence[str]) -> tuple[str, ...]:
+    """A comma-separated list (or a sequence) of URLs, blanks dropped."""
     items = value.split(",") if isinstance(value, str) else list(value)
-    urls = tuple(item.strip() for item in items if item.strip())
-    if not urls:
-        raise ConfigurationError("no NATS URL given")
-    return urls
+    return tuple(item.strip() for item in items if item.strip())
 
 
-def _check_choice(allowed: tuple[str, ...]) -> Callable[[Any, attrs.Attribute[str], str], None]:
-    def check(_instance: object, attribute: attrs.Attribute[str], value: str) -> None:
-        if value not in allowed:
-            raise ConfigurationError(
-                f"{attribute.name} must be one of {', '.join(allowed)}, not {value!r}"
+@attrs.frozen
+class Variable:
+    """One ``CONVEYOR_*`` variable: the keyword it sets, how its text is read, its option.
+
+    ``key`` is a :class:`Settings` field, ``loki_<field>`` for a :class:`LokiConfig` field,
+    or, for variables of one command (:data:`COMMAND_VARIABLES`), the click parameter.
+    """
+
+    name: str
+    key: str
+    option: str
+    parse: Callable[[str], Any] = text
+    help: str = ""
+    #: What ``--help`` shows as the default (None: no default shown).
+    default: str | None = None
+    #: ``"flag"`` (``--x``), ``"switch"`` (``--x/--no-x``), ``"many"`` (repeatable) or ``""``.
+    kind: str = ""
+    metavar: str | None = None
+
+
+VARIABLES: tuple[Variable, ...] = (
+    Variable(
+        "CONVEYOR_NATS_URL",
+        "nats_urls",
+        "--nats-url",
+        split_urls,
+        "NATS server URL(s), comma-separated.",
+        DEFAULT_NATS_URL,
+    ),
+    Variable(
+        "CONVEYOR_API_URL", "api_url", "--api-url", text, "Conveyor API URL.", DEFAULT_API_URL
+    ),
+    Variable(
+        "CONVEYOR_CONCURRENCY",
+        "concurrency",
+        "--concurrency",
+        whole,
+        "Handlers running at once (default: the Driver's).",
+    ),
+    Variable(
+        "CONVEYOR_LOG_LEVEL",
+        "log_level",
+        "--log-level",
+        lower,
+        "The least severe level shown; debug adds tracebacks to errors.",
+        "info",
+        metavar="[" + "|".join(LOG_LEVELS) + "]",
+    ),
+    Variable(
+        "CONVEYOR_LOG_FORMAT",
+        "log_format",
+        "--log-format",
+        lower,
+        "console (pretty), json (one object a line), auto (console on a terminal).",
+        "auto",
+        metavar="[" + "|".join(LOG_FORMATS) + "]",
+    ),
+    Variable(
+        "CONVEYOR_EMBEDDED",
+        "embedded",
+        "--embedded",
+        boolean,
+        "Start a local nats-server with the Conveyor streams and use it.",
+        kind="flag",
+    ),
+    Variable(
+        "CONVEYOR_EMBEDDED_PORT",
+        "embedded_port",
+        "--embedded-port",
+        whole,
+        "Port of the embedded nats-server (default: a free one).",
+    ),
+    Variable(
+        "CONVEYOR_EMBEDDED_DIR",
+        "embedded_dir",
+        "--embedded-dir",
+        path,
+        "JetStream storage of the embedded server (default: a temporary directory).",
+    ),
+    Variable(
+        "CONVEYOR_HTTP_PORT",
+        "http_port",
+        "--http-port",
+        whole,
+        "Serve /healthz, /readyz and /metrics on this port (off by default).",
+    ),
+    Variable(
+        "CONVEYOR_HTTP_HOST",
+        "http_host",
+        "--http-host",
+        text,
+        "Address the probes listen on (127.0.0.1: this machine only).",
+        "0.0.0.0",
+    ),
+    Variable(
+        "CONVEYOR_STARTUP_TIMEOUT",
+        "startup_timeout",
+        "--startup-timeout",
+        decimal,
+        "Seconds start-up waits for NATS and JetStream before it gives up.",
+        "60",
+        metavar="SECONDS",
+    ),
+    Variable("CONVEYOR_LOKI_URL", "loki_url", "--loki-url", text, "Grafana Loki base URL."),
+    Variable("CONVEYOR_LOKI_TENANT", "loki_tenant", "--loki-tenant", text, "X-Scope-OrgID."),
+    Variable("CONVEYOR_LOKI_USER", "loki_username", "--loki-user", text, "Basic auth user."),
+    Variable(
+        "CONVEYOR_LOKI_PASSWORD", "loki_password", "--loki-password", text, "Basic auth password."
+    ),
+    Variable("CONVEYOR_LOKI_TOKEN", "loki_token", "--loki-token", text, "Bearer token."),
+    Variable(
+        "CONVEYOR_LOKI_LABEL",
+        "loki_labels",
+        "--loki-label",
+        text,
+        "A static label on every line (repeatable; the variable: space-separated).",
+        kind="many",
+        metavar="KEY=VALUE",
+    ),
+    Variable(
+        "CONVEYOR_LOKI_BATCH_WAIT",
+        "loki_batch_wait",
+        "--loki-batch-wait",
+        decimal,
+        "Seconds a batch gathers before it is sent.",
+        "1.0",
+        metavar="SECONDS",
+    ),
+    Variable(
+        "CONVEYOR_LOKI_BATCH_BYTES",
+        "loki_batch_bytes",
+        "--loki-batch-bytes",
+        whole,
+        "Bytes a batch gathers at most.",
+        "1048576",
+    ),
+    Variable(
+        "CONVEYOR_LOKI_FORMAT",
+        "loki_line_format",
+        "--loki-format",
+        lower,
+        "How each line is rendered.",
+        "logfmt",
+        metavar="[" + "|".join(LINE_FORMATS) + "]",
+    ),
+    Variable(
+        "CONVEYOR_LOKI_STRUCTURED_METADATA",
+        "loki_structured_metadata",
+        "--loki-structured-metadata",
+        boolean,
+        "Off for Loki 2.x: run ids then go into the line instead.",
+        "on",
+        kind="switch",
+    ),
+    Variable(
+        "CONVEYOR_TLS_CERT",
+        "tls_cert",
+        "--tls-cert",
+        path,
+        "PEM certificate chain of the driver, leaf first.",
+    ),
+    Variable(
+        "CONVEYOR_TLS_KEY",
+        "tls_key",
+        "--tls-key",
+        path,
+        "PEM private key of the leaf certificate (RSA or EC).",
+    ),
+    Variable(
+        "CONVEYOR_TLS_CA",
+        "tls_ca",
+        "--tls-ca",
+        path,
+        "PEM CA certificate(s) the servers' certificates are checked against.",
+    ),
+)
+
+
+def _positive(value: str) -> float:
+    number = decimal(value)
+    if not number > 0:
+        raise ValueError(f"must be greater than 0, not {value!r}")
+    return number
+
+
+#: Variables of one command's own options (not deployment settings), read the same way.
+COMMAND_VARIABLES: dict[str, tuple[Variable, ...]] = {
+    "app": (Variable("CONVEYOR_APP", "app", "APP"),),
+    "emit": (
+        Variable("CONVEYOR_EMIT_SPEC", "spec", "--spec", text, "The resource spec as JSON.", "{}"),
+        Variable("CONVEYOR_EMIT_EVENT", "event", "--event", text, "The event name.", "create"),
+        Variable(
+            "CONVEYOR_EMIT_DRIVER", "driver", "--driver", text, "Address a pipeline step to it."
+        ),
+        Variable(
+            "CONVEYOR_EMIT_PIPELINE", "pipeline", "--pipeline", text, "The resource's pipeline."
+        ),
+        Variable(
+            "CONVEYOR_EMIT_WAIT",
+            "wait",
+            "--wait",
+            boolean,
+            "Print the result event of this run.",
+            kind="flag",
+        ),
+        Variable(
+            "CONVEYOR_EMIT_TIMEOUT",
+            "timeout",
+            "--timeout",
+            _positive,
+            "Seconds --wait waits.",
+            "60",
+            metavar="SECONDS",
+        ),
+    ),
+    "logs": (
+        Variable(
+            "CONVEYOR_LOGS_DRIVER",
+            "driver",
+            "--driver",
+            text,
+            "Only this driver's lines (default: every driver of the run).",
+        ),
+    ),
+}
+
+
+def read_environment(
+    variables: Sequence[Variable], environ: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """The parsed values of those ``variables`` that are set, by key: the one reader.
+
+    An empty variable counts as unset, as a templated ``CONVEYOR_X=`` in a container
+    manifest means "no value". A value that does not parse is one line naming the variable.
+    """
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for variable in variables:
+        raw = env.get(variable.name)
+        if raw is None or raw == "":
+            continue
+        values[variable.key] = _parse(variable, raw, variable.name)
+    return values
+
+
+def _parse(variable: Variable, raw: str, label: str) -> Any:
+    try:
+        return variable.parse(raw)
+    except ValueError as exc:
+        raise ConfigurationError(f"{label} {exc}") from None
+
+
+def command_values(
+    command: str, given: Mapping[str, Any], environ: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """The values of ``command``'s own options (:data:`COMMAND_VARIABLES`).
+
+    Each is what was ``given`` on the command line (text parsed like its variable, errors
+    naming the option), else its variable, else its default.
+    """
+    variables = COMMAND_VARIABLES[command]
+    values: dict[str, Any] = {
+        variable.key: (
+            variable.parse(variable.default)
+            if variable.default is not None
+            else (False if variable.kind == "flag" else None)
+        )
+        for variable in variables
+    }
+    values.update(read_environment(variables, environ))
+    for variable in variables:
+        if variable.key in given and given[variable.key] is not None:
+            value = given[variable.key]
+            values[variable.key] = (
+                _parse(variable, value, variable.option) if isinstance(value, str) else value
             )
+    return values
 
-    return check
+
+_BY_KEY = {variable.key: variable for variable in VARIABLES}
 
 
 @attrs.frozen
 class Settings:
-    """Deployment settings; every field has a safe default for a local Conveyor."""
+    """Deployment settings; every field has a safe default for a local Conveyor.
 
-    nats_urls: tuple[str, ...] = attrs.field(default=(DEFAULT_NATS_URL,), converter=_split_urls)
-    api_url: str = DEFAULT_API_URL
-    concurrency: int | None = None
-    log_level: str = attrs.field(default="info", validator=_check_choice(LOG_LEVELS))
-    log_format: str = attrs.field(default="auto", validator=_check_choice(LOG_FORMATS))
+    Build them with :meth:`from_env` (what ``driver.run()`` and the CLI do) or directly;
+    the validators below hold either way.
+    """
+
+    nats_urls: tuple[str, ...] = attrs.field(
+        default=(DEFAULT_NATS_URL,),
+        converter=split_urls,
+        validator=validation.url(NATS_SCHEMES, _NATS_RULE),
+    )
+    api_url: str = attrs.field(
+        default=DEFAULT_API_URL,
+        validator=validation.url(
+            ("http", "https"), "the Conveyor API URL starts with http:// or https://"
+        ),
+    )
+    concurrency: int | None = attrs.field(default=None, validator=validation.number(int, minimum=1))
+    log_level: str = attrs.field(default="info", validator=validation.one_of(LOG_LEVELS))
+    log_format: str = attrs.field(default="auto", validator=validation.one_of(LOG_FORMATS))
     embedded: bool = False
-    embedded_port: int | None = None
-    embedded_dir: Path | None = None
+    embedded_port: int | None = attrs.field(default=None, validator=validation.port())
+    embedded_dir: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
     loki: LokiConfig | None = None
-    http_port: int | None = None
-    #: How long start-up waits out NATS and JetStream weather before it gives up.
-    startup_timeout: float = 60.0
+    http_port: int | None = attrs.field(default=None, validator=validation.port())
+    #: Where the probes listen: every interface by default, as a container needs.
+    http_host: str = attrs.field(default="0.0.0.0", validator=validation.non_empty)
+    #: How long start-up waits for NATS and JetStream (an election, a restart) before it
+    #: gives up with one line; a configuration error ends it at once.
+    startup_timeout: float = attrs.field(default=60.0, validator=validation.number(float, above=0))
     #: The driver's identity on a secured Conveyor (PROTOCOL.md section 6): a PEM
     #: certificate chain (leaf first), its private key, and the operator's CA.
     tls_cert: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
@@ -66,68 +410,31 @@ class Settings:
     tls_ca: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        """Settings from ``CONVEYOR_*`` variables, for ``driver.run()`` outside the CLI."""
-        env = os.environ if environ is None else environ
-        values: dict[str, object] = {}
-        if "CONVEYOR_NATS_URL" in env:
-            values["nats_urls"] = env["CONVEYOR_NATS_URL"]
-        if "CONVEYOR_API_URL" in env:
-            values["api_url"] = env["CONVEYOR_API_URL"]
-        if "CONVEYOR_CONCURRENCY" in env:
-            values["concurrency"] = _int(env["CONVEYOR_CONCURRENCY"], "CONVEYOR_CONCURRENCY")
-        if "CONVEYOR_LOG_LEVEL" in env:
-            values["log_level"] = env["CONVEYOR_LOG_LEVEL"].lower()
-        if "CONVEYOR_LOG_FORMAT" in env:
-            values["log_format"] = env["CONVEYOR_LOG_FORMAT"].lower()
-        if "CONVEYOR_EMBEDDED" in env:
-            values["embedded"] = env["CONVEYOR_EMBEDDED"].lower() in ("1", "true", "yes", "on")
-        for variable, field in (
-            ("CONVEYOR_TLS_CERT", "tls_cert"),
-            ("CONVEYOR_TLS_KEY", "tls_key"),
-            ("CONVEYOR_TLS_CA", "tls_ca"),
-        ):
-            if env.get(variable):
-                values[field] = env[variable]
-        if env.get("CONVEYOR_HTTP_PORT"):
-            values["http_port"] = _int(env["CONVEYOR_HTTP_PORT"], "CONVEYOR_HTTP_PORT")
-        if env.get("CONVEYOR_LOKI_URL"):
-            values["loki"] = LokiConfig(
-                url=env["CONVEYOR_LOKI_URL"],
-                tenant=env.get("CONVEYOR_LOKI_TENANT") or None,
-                username=env.get("CONVEYOR_LOKI_USER") or None,
-                password=env.get("CONVEYOR_LOKI_PASSWORD") or None,
-                token=env.get("CONVEYOR_LOKI_TOKEN") or None,
-                labels=parse_labels(env.get("CONVEYOR_LOKI_LABEL", "").split()),
-                batch_wait=float(env.get("CONVEYOR_LOKI_BATCH_WAIT", "1.0")),
-                batch_bytes=_int(env.get("CONVEYOR_LOKI_BATCH_BYTES", "1048576"), "batch bytes"),
-                line_format=env.get("CONVEYOR_LOKI_FORMAT", "logfmt"),
-                structured_metadata=env.get("CONVEYOR_LOKI_STRUCTURED_METADATA", "true").lower()
-                not in ("0", "false", "no", "off"),
-            )
-        return cls(**values)  # type: ignore[arg-type]
+    def from_env(cls, environ: Mapping[str, str] | None = None, /, **overrides: Any) -> Settings:
+        """Settings from ``CONVEYOR_*`` variables, with ``overrides`` taking precedence.
 
-
-def parse_labels(items: Sequence[str]) -> dict[str, str]:
-    """``KEY=VALUE`` items as Loki labels; Loki's label-name rule is checked here."""
-    labels: dict[str, str] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not _LABEL_NAME.match(key) or not value:
-            raise ConfigurationError(
-                f"Loki label {item!r} must be KEY=VALUE with KEY matching [a-zA-Z_][a-zA-Z0-9_]*"
-            )
-        labels[key] = value
-    if len(labels) > MAX_STATIC_LABELS:
-        raise ConfigurationError(
-            f"at most {MAX_STATIC_LABELS} static Loki labels: Loki refuses streams with more "
-            "than 15 labels, and the driver sets 3 of its own"
-        )
-    return labels
-
-
-def _int(value: str, name: str) -> int:
-    try:
-        return int(value)
-    except ValueError:
-        raise ConfigurationError(f"{name} must be a whole number, not {value!r}") from None
+        ``overrides`` are keyed as :data:`VARIABLES` (``loki_url``, ``loki_batch_wait``...);
+        a text value is parsed like its variable (so the CLI can hand over its options as
+        typed), other values are taken as they are, and None is skipped. Errors name the
+        variable, or the option for an override.
+        """
+        values = read_environment(VARIABLES, environ)
+        label = {key: _BY_KEY[key].name for key in values}
+        for key, value in overrides.items():
+            if key not in _BY_KEY:
+                raise TypeError(f"Settings.from_env() got an unknown setting {key!r}")
+            if value is None:
+                continue
+            variable = _BY_KEY[key]
+            parsed = _parse(variable, value, variable.option) if isinstance(value, str) else value
+            values[key] = parsed
+            label[key] = variable.option
+        loki = {key[5:]: values.pop(key) for key in list(values) if key.startswith("loki_")}
+        try:
+            config = LokiConfig(**loki) if "url" in loki else None
+        except InvalidSettingError as exc:
+            raise exc.naming({key[5:]: name for key, name in label.items()}) from None
+        try:
+            return cls(**values, loki=config)
+        except InvalidSettingError as exc:
+            raise exc.naming(label) from None

@@ -10,10 +10,12 @@ import asyncio
 import contextlib
 import inspect
 import json
+import os
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from click.testing import CliRunner, Result
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerInfo
@@ -169,3 +171,22 @@ async def advisories(nc: Client, kind: str, driver: str) -> AsyncIterator[list[i
 
 def terminations(nc: Client, driver: str) -> contextlib.AbstractAsyncContextManager[list[int]]:
     return advisories(nc, "TERMINATED", driver)
+
+
+def invoke(*args: str, env: dict[str, str] | None = None) -> Result:
+    """``conveyor-driver ARGS`` in-process (click's CliRunner), with only ``env``'s
+    CONVEYOR_* variables: the way to test the CLI where a child process is not the point.
+    From an async test, run it with ``asyncio.to_thread`` (the command runs its own loop)."""
+    from conveyor_driver.cli import main
+
+    cleared: dict[str, str | None] = {k: None for k in os.environ if k.startswith("CONVEYOR_")}
+    return CliRunner().invoke(main, list(args), env={**cleared, **(env or {})})
+
+
+def one_error_line(result: Result) -> str:
+    """The text of the single ``Error:`` line of a refused command: no traceback, status 1."""
+    assert result.exit_code == 1, (result.exit_code, result.output, result.exception)
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    return lines[0].removeprefix("Error: ")

@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nats
 import orjson
 import pytest
+from _helpers import invoke, one_error_line
 from apps.harness import (
     DriverProcess,
     app,
@@ -24,7 +27,10 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import RetentionPolicy
 
+from conveyor_driver import Driver, telemetry
 from conveyor_driver.embedded import EmbeddedNats, free_port
+from conveyor_driver.errors import ConfigurationError
+from conveyor_driver.testing.fixtures import running
 
 WORKER = app("worker_app.py:driver")
 
@@ -116,6 +122,143 @@ async def test_debug_log_level_shows_the_traceback_of_a_missing_stream() -> None
     assert "Traceback (most recent call last):" in done.stderr
     assert "conveyor_driver.errors.StreamMissingError" in done.stderr
     assert done.stderr.splitlines()[-1].startswith("Error: stream 'messages' does not exist")
+
+
+# --- item 11: what used to be a traceback is one line ------------------------------------------
+
+
+async def test_http_port_in_use_is_one_line(
+    nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # --http-port asks for the SDK's Prometheus reader, which this process must not install.
+    monkeypatch.setattr(telemetry, "configure_from_env", lambda *_a, **_k: None)
+    monkeypatch.setattr(
+        "conveyor_driver.cli.configure_from_env", lambda *_a, **_k: None, raising=False
+    )
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        args = ("run", WORKER, "--nats-url", nats_server.url, "--http-port", str(port))
+        result = await asyncio.to_thread(invoke, *args)
+    assert one_error_line(result) == (
+        f"cannot serve the probes on 0.0.0.0:{port}: address already in use; "
+        "choose another --http-port (CONVEYOR_HTTP_PORT) or --http-host"
+    )
+
+
+@pytest.mark.parametrize("wait", [False, True], ids=["emit", "emit-wait"])
+async def test_emit_without_the_messages_stream_is_one_line(wait: bool) -> None:
+    async with EmbeddedNats(create_streams=False) as bare:
+        args = ["emit", "job", "x", "--nats-url", bare.url, *(["--wait"] if wait else [])]
+        result = await asyncio.to_thread(invoke, *args)
+    assert one_error_line(result) == (
+        "stream 'messages' does not exist on this NATS server, so nothing stores "
+        "resources.job: start the Conveyor server first, or a driver with --embedded"
+    )
+
+
+def test_logs_with_an_api_url_that_is_not_a_url_is_one_line() -> None:
+    assert one_error_line(invoke("logs", "run-1", "--api-url", "notaurl")) == (
+        "--api-url 'notaurl' is not usable: the Conveyor API URL starts with http:// or https://"
+    )
+
+
+@pytest.mark.parametrize("command", [("run", WORKER), ("emit", "job", "x"), ("status", WORKER)])
+async def test_a_nats_url_of_another_scheme_is_one_line(
+    command: tuple[str, ...], nats_server: EmbeddedNats
+) -> None:
+    url = nats_server.url.replace("nats://", "http://")
+    result = await asyncio.to_thread(invoke, *command, "--nats-url", url)
+    assert one_error_line(result) == (
+        f"--nats-url {url!r} is not usable: NATS URLs start with nats://, tls://, ws:// or wss://"
+    )
+    env = {"CONVEYOR_NATS_URL": url}
+    line = one_error_line(await asyncio.to_thread(invoke, *command, env=env))
+    assert line.startswith(f"CONVEYOR_NATS_URL {url!r} is not usable: NATS URLs start with")
+
+
+# --- item 13: emit sends only what the server would send, and says when nobody listens --------
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (
+            ("job", ""),
+            "resource name '' is not usable: the Conveyor server needs a non-empty name "
+            "without '/' (it addresses resources as /resources/TYPE/NAME)",
+        ),
+        (("job", "a/b"), "resource name 'a/b' is not usable: "),
+        (("", "x"), "resource type '' is not usable: it must be non-empty, "),
+        (("a.b", "x"), "resource type 'a.b' is not usable: "),
+        (("job", "x", "--driver", ""), "driver '' is not usable: "),
+        (("job", "x", "--event", ""), "event must not be empty"),
+        (("job", "x", "--pipeline", "a/b"), "pipeline 'a/b' is not usable: "),
+    ],
+    ids=[
+        "empty-name",
+        "slash-name",
+        "empty-type",
+        "dotted-type",
+        "empty-driver",
+        "empty-event",
+        "slash-pipeline",
+    ],
+)
+async def test_emit_refuses_names_the_server_would_refuse(
+    args: tuple[str, ...], expected: str, nats_server: EmbeddedNats, nats_client: Client
+) -> None:
+    published = await _collect(nats_client, ">")
+    result = await asyncio.to_thread(invoke, "emit", *args, "--nats-url", nats_server.url)
+    assert one_error_line(result).startswith(expected)
+    await nats_client.flush()
+    assert [m.subject for m in published if not m.subject.startswith("$")] == []
+
+
+async def test_emit_event_refuses_an_empty_name_from_python(nats_client: Client) -> None:
+    from conveyor_driver.emit import emit_event
+    from conveyor_driver.models import Resource
+
+    with pytest.raises(ConfigurationError, match="resource name '' is not usable"):
+        await emit_event(nats_client, Resource(name="", type="job"))
+
+
+@pytest.mark.parametrize(
+    ("args", "subject"),
+    [
+        (("job", "x"), "resources.job"),
+        (("job", "x", "--driver", "builder"), "drivers.builder.resources.job"),
+    ],
+    ids=["broadcast", "addressed"],
+)
+async def test_emit_wait_says_no_driver_consumes_the_subject(
+    args: tuple[str, ...], subject: str, nats_server: EmbeddedNats
+) -> None:
+    # A consumer exists, for another resource type: still nobody wants this subject.
+    other = Driver("other")
+    other.on("image")(lambda ctx: None)
+    async with running(other, nats_server.url):
+        started = time.monotonic()
+        command = ("emit", *args, "--wait", "--timeout", "20", "--nats-url", nats_server.url)
+        result = await asyncio.to_thread(invoke, *command)
+    assert one_error_line(result) == (
+        f"no driver consumes {subject}: no consumer of stream 'messages' filters it, so the "
+        "stream keeps nothing; start a driver that handles it, then emit again"
+    )
+    assert time.monotonic() - started < 15  # said at once, not after --timeout
+
+
+def test_subject_matching_follows_nats_wildcards() -> None:
+    from conveyor_driver.emit import subject_matches
+
+    assert subject_matches("resources.job", "resources.job")
+    assert subject_matches("resources.*", "resources.job")
+    assert subject_matches("drivers.>", "drivers.b.resources.job")
+    assert not subject_matches("drivers.>", "drivers")
+    assert not subject_matches("resources.job", "resources.jobs")
+    assert not subject_matches("resources.*", "resources.job.x")
+    assert not subject_matches("drivers.worker.resources.job", "drivers.builder.resources.job")
 
 
 # --- entry points ----------------------------------------------------------------------------

@@ -289,7 +289,7 @@ async def test_close_flushes_pending_lines_and_reports_once(receiver: LokiReceiv
 
 
 async def test_batches_are_cut_by_size(receiver: LokiReceiver) -> None:
-    shipping = Shipping(receiver.url, batch_bytes=1000, batch_wait=600.0)
+    shipping = Shipping(receiver.url, batch_bytes=1024, batch_wait=600.0)
     shipping.sink.start()
     for i in range(100):
         shipping.run_log().info("line", i=i)

@@ -193,6 +193,19 @@ async def test_readyz_is_503_while_shutting_down_and_the_probes_close_after(
         await probes.get("/readyz")
 
 
+async def test_probes_listen_on_the_http_host_only(
+    nats_server: EmbeddedNats, probes: Probes
+) -> None:
+    # 127.0.0.2 is loopback too on Linux: listening there, the probes do not answer on .1.
+    async with running(
+        idle_driver("hosted"), nats_server.url, http_port=probes.port, http_host="127.0.0.2"
+    ):
+        async with probes.session.get(f"http://127.0.0.2:{probes.port}/healthz") as response:
+            assert response.status == 200
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await probes.get("/healthz")
+
+
 def test_http_port_is_read_from_the_environment() -> None:
     assert Settings.from_env({"CONVEYOR_HTTP_PORT": "9464"}).http_port == 9464
     assert Settings.from_env({}).http_port is None

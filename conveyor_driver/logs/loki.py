@@ -18,13 +18,15 @@ import gzip
 import random
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import attrs
 import orjson
 
+from .. import validation
+from ..errors import InvalidSettingError
 from .chain import build_logger
 from .stdlib import silence_bridge
 
@@ -51,25 +53,76 @@ _Labels = tuple[tuple[str, str], ...]
 _MAX_RETRIES = 10
 
 
+#: Loki refuses a stream with more than 15 labels, and the driver sets 3 of its own.
+MAX_STATIC_LABELS = 12
+_LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+LINE_FORMATS = ("logfmt", "json")
+
+
+def parse_labels(items: str | Sequence[str] | Mapping[str, str]) -> dict[str, str]:
+    """Static labels from ``KEY=VALUE`` items (a string: separated by whitespace).
+
+    Loki's label-name rule is checked here, so a bad label is refused at start-up with one
+    line rather than by Loki on every push.
+    """
+    if isinstance(items, Mapping):
+        pairs = [f"{key}={value}" for key, value in items.items()]
+    else:
+        pairs = items.split() if isinstance(items, str) else list(items)
+    labels: dict[str, str] = {}
+    for item in pairs:
+        key, sep, value = item.partition("=")
+        if not sep or not _LABEL_NAME.match(key) or not value:
+            raise InvalidSettingError(
+                f"has {item!r}: a label must be KEY=VALUE with KEY matching [a-zA-Z_][a-zA-Z0-9_]*",
+                "labels",
+            )
+        labels[key] = value
+    if len(labels) > MAX_STATIC_LABELS:
+        raise InvalidSettingError(
+            f"has {len(labels)} labels: at most {MAX_STATIC_LABELS}, since Loki refuses "
+            "streams with more than 15 labels and the driver sets 3 of its own",
+            "labels",
+        )
+    return labels
+
+
 @attrs.frozen
 class LokiConfig:
-    """Where and how to push; the defaults follow Promtail's (about 1 s or 1 MiB a batch)."""
+    """Where and how to push; the defaults follow Promtail's (about 1 s or 1 MiB a batch).
 
-    url: str
+    The validators are the only rules for these values: the CLI and ``CONVEYOR_LOKI_*``
+    both end up here, so a value is accepted or refused the same way from either.
+    """
+
+    url: str = attrs.field(
+        validator=validation.url(("http", "https"), "Loki URLs start with http:// or https://")
+    )
     tenant: str | None = None
     username: str | None = None
     password: str | None = attrs.field(default=None, repr=False)
     token: str | None = attrs.field(default=None, repr=False)
-    labels: Mapping[str, str] = attrs.field(factory=dict)
-    batch_wait: float = 1.0
-    batch_bytes: int = 1_048_576
-    timeout: float = 10.0
-    max_queue: int = 100_000
+    labels: Mapping[str, str] = attrs.field(factory=dict, converter=parse_labels)
+    batch_wait: float = attrs.field(default=1.0, validator=validation.number(float, minimum=0.01))
+    batch_bytes: int = attrs.field(
+        default=1_048_576, validator=validation.number(int, minimum=1024)
+    )
+    timeout: float = attrs.field(default=10.0, validator=validation.number(float, above=0))
+    max_queue: int = attrs.field(default=100_000, validator=validation.number(int, minimum=1))
     structured_metadata: bool = True
-    line_format: str = "logfmt"
+    line_format: str = attrs.field(default="logfmt", validator=validation.one_of(LINE_FORMATS))
     min_backoff: float = 0.5
     max_backoff: float = 30.0
     flush_timeout: float = 10.0
+
+    def __attrs_post_init__(self) -> None:
+        if self.username and self.token:
+            raise InvalidSettingError(
+                "are both set: Loki takes basic auth (user and password) or a bearer token, "
+                "not both",
+                "username",
+                "token",
+            )
 
     @property
     def push_url(self) -> str:

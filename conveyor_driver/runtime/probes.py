@@ -8,12 +8,15 @@ idle), and ``/readyz`` fails while NATS is away, during start-up and during shut
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import attrs
 from aiohttp import web
+
+from ..errors import ConfigurationError
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -62,7 +65,18 @@ async def start_probes(state: DriverState, port: int, host: str = "0.0.0.0") -> 
     app.router.add_get("/metrics", _metrics)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as exc:
+        # A port in use or an address this machine does not have is the operator's to
+        # fix; one line naming it beats a traceback from deep inside asyncio.
+        await runner.cleanup()
+        # asyncio wraps the errno in its own sentence; the errno's is the one to show.
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise ConfigurationError(
+            f"cannot serve the probes on {host}:{port}: {reason.lower()}; "
+            "choose another --http-port (CONVEYOR_HTTP_PORT) or --http-host"
+        ) from None
     return runner
 
 

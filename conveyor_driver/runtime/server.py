@@ -67,9 +67,9 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
     state = DriverState()
     async with contextlib.AsyncExitStack() as stack:
         if settings.http_port is not None:
-            runner = await start_probes(state, settings.http_port)
+            runner = await start_probes(state, settings.http_port, settings.http_host)
             stack.push_async_callback(runner.cleanup)
-            log.info("probes listening", port=settings.http_port)
+            log.info("probes listening", host=settings.http_host, port=settings.http_port)
         if loki is not None:
             loki.start()
             stack.push_async_callback(loki.close)
