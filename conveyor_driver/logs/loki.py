@@ -6,6 +6,12 @@ the resource type, the level and static labels), while per-run values such as th
 into structured metadata, so Loki's stream count does not grow with every build; and a clean
 shutdown flushes what is queued within a deadline. The shipper reports its own trouble on the
 console only, never through the chain it ships, so a failing Loki cannot feed itself.
+
+A line longer than Loki's ``max_line_size`` (256,000 bytes by default) would be refused
+with a 400 and lost; it is truncated instead, with the marker the NATS sink uses, which
+states the line's whole size (see :func:`~conveyor_driver.logs.chain.truncate_line`). A
+refused batch is dropped, counted and warned about once, never retried, so the lines
+behind it go on.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import aiohttp
 import attrs
 import orjson
 
-from .chain import build_logger
+from .chain import build_logger, truncate_line
 from .stdlib import silence_bridge
 
 if TYPE_CHECKING:
@@ -53,7 +59,12 @@ _MAX_RETRIES = 10
 
 @attrs.frozen
 class LokiConfig:
-    """Where and how to push; the defaults follow Promtail's (about 1 s or 1 MiB a batch)."""
+    """Where and how to push; the defaults follow Promtail's (about 1 s or 1 MiB a batch).
+
+    ``max_line_size`` is the receiving Loki's limit in bytes (its ``limits_config``
+    ``max_line_size``: ``256KB``, which Loki reads as 256,000): longer lines are truncated
+    to it with a marker rather than refused. 0 means Loki has no limit.
+    """
 
     url: str
     tenant: str | None = None
@@ -70,6 +81,7 @@ class LokiConfig:
     min_backoff: float = 0.5
     max_backoff: float = 30.0
     flush_timeout: float = 10.0
+    max_line_size: int = 256_000
 
     @property
     def push_url(self) -> str:
@@ -109,6 +121,7 @@ class LokiSink:
         self._in_flight = 0
         self._wake_at = max(1, config.batch_bytes // 256)
         self._labels: dict[tuple[object, object], _Labels] = {}
+        self._max_line = config.max_line_size
 
     def __call__(self, _logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
         if len(self._queue) >= self.config.max_queue:
@@ -225,6 +238,8 @@ class LokiSink:
                     value = pop(name)
                     metadata[label] = value if type(value) is str else str(value)
         line = self._render(message, event_dict)
+        if self._max_line and len(line) * 4 > self._max_line:  # the common case skips a call
+            line = truncate_line(line, self._max_line)
         if metadata:
             return labels, [str(timestamp), line, metadata]
         return labels, [str(timestamp), line]
