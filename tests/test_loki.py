@@ -389,6 +389,24 @@ async def test_a_4xx_from_loki_does_not_stall_the_lines_behind_it() -> None:
     assert warning["status"] == 400 and warning["error"] == reason
 
 
+async def test_a_line_json_cannot_carry_is_dropped_alone_and_shipping_goes_on(
+    receiver: LokiReceiver,
+) -> None:
+    shipping = Shipping(receiver.url)
+    shipping.sink.start()
+    # Text decoded with surrogateescape: not UTF-8, so no JSON encoder takes it.
+    shipping.sink(None, "info", {"event": "bad \udc80 bytes", "level": "info"})
+    shipping.log.info("good")
+    await shipping.sink.close()
+
+    assert receiver.lines() == ["msg=good"]
+    assert shipping.sink.stats == LokiStats(shipped=1, retried=0, dropped=1)
+    [warning] = shipping.console_events(
+        "loki cannot encode a log line; dropping such lines (warned once)"
+    )
+    assert "surrogates" in warning["error"]
+
+
 # -- through the runtime --------------------------------------------------------------------
 
 

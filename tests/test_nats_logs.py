@@ -395,6 +395,20 @@ async def test_an_entry_the_stream_refuses_is_dropped_once_and_warned_the_rest_g
     assert closing < 5
 
 
+async def test_a_line_that_is_not_utf8_is_published_with_replacement_characters(
+    nats_server: EmbeddedNats, nats_client: Client
+) -> None:
+    direct = DirectSink(nats_client)
+    # Text decoded with surrogateescape: not UTF-8, so no JSON encoder takes it as it is.
+    direct.sink(None, "info", {"run_id": "run-1", "event": "bad \udc80 bytes"})
+    direct.log.bind(run_id="run-1").info("good")
+    await direct.sink.close()
+
+    stored = await all_stored(nats_client)
+    assert [entry["message"] for entry in stored] == ["bad ? bytes", "good"]
+    assert (direct.sink.sent, direct.sink.dropped) == (2, 0)
+
+
 async def test_close_past_its_deadline_counts_what_is_left_and_a_second_close_is_quiet(
     nats_server: EmbeddedNats,
 ) -> None:

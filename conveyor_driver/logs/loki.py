@@ -117,6 +117,7 @@ class LokiSink:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._warned_rejected = False
+        self._warned_unencodable = False
         self._console = (console or build_logger()).bind(sink="loki")
         self._in_flight = 0
         self._wake_at = max(1, config.batch_bytes // 256)
@@ -211,7 +212,11 @@ class LokiSink:
             # Stamps are taken in queue order, so they only go back when the clock does.
             in_order = in_order and timestamp >= previous
             previous = timestamp
-            labels, value = entry(timestamp, event_dict)
+            try:
+                labels, value = entry(timestamp, event_dict)
+            except TypeError as exc:  # text JSON cannot carry (lone surrogates): this line only
+                self._unencodable(exc)
+                continue
             values = streams.get(labels)
             if values is None:
                 streams[labels] = [value]
@@ -283,6 +288,14 @@ class LokiSink:
             await asyncio.sleep(random.uniform(delay / 2, delay))
         self.stats.dropped += count
         self._console.warning("loki unreachable; batch dropped", lines=count, reason=reason)
+
+    def _unencodable(self, exc: Exception) -> None:
+        self.stats.dropped += 1
+        if not self._warned_unencodable:
+            self._warned_unencodable = True
+            self._console.warning(
+                "loki cannot encode a log line; dropping such lines (warned once)", error=str(exc)
+            )
 
     def _rejected(self, status: int, text: str, count: int) -> None:
         self.stats.dropped += count
