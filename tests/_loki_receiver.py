@@ -120,7 +120,7 @@ class LokiReceiver:
 
     ``entries`` holds accepted lines in arrival order, ``attempts`` every POST that reached
     the push path (accepted or not), ``accepted`` the pushes taken whole, ``headers`` the
-    recorded headers of each attempt and ``invalid`` the reasons of refused bodies.
+    recorded headers of each attempt and ``invalid`` the reasons of refused bodies and lines.
     """
 
     def __init__(self, *, max_line_size: int = MAX_LINE_SIZE) -> None:
