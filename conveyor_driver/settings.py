@@ -235,6 +235,14 @@ VARIABLES: tuple[Variable, ...] = (
         metavar="[" + "|".join(LINE_FORMATS) + "]",
     ),
     Variable(
+        "CONVEYOR_LOKI_MAX_LINE_SIZE",
+        "loki_max_line_size",
+        "--loki-max-line-size",
+        whole,
+        "Loki's max_line_size in bytes: longer lines are truncated (0: no limit).",
+        "256000",
+    ),
+    Variable(
         "CONVEYOR_LOKI_STRUCTURED_METADATA",
         "loki_structured_metadata",
         "--loki-structured-metadata",

@@ -5,6 +5,10 @@ streams, label names Loki allows, at most 15 labels, decimal nanosecond timestam
 strings, string-valued structured metadata, one stream's values in time order) and answers
 400 with the reason otherwise, so a sink that would be refused by a real Loki fails here
 too. It can be told to answer 429/500/400 for the next pushes, and it records what it took.
+
+Lines longer than ``max_line_size`` bytes (Loki's default: ``256KB``, read by Loki as
+256,000) are refused as Loki's distributor refuses them: the other lines of the push are
+kept, and the answer is 400 with Loki's ``line_too_long`` message for each refused line.
 """
 
 from __future__ import annotations
@@ -24,6 +28,12 @@ from conveyor_driver.embedded import free_port
 
 PUSH_PATH = "/loki/api/v1/push"
 MAX_LABELS = 15
+MAX_LINE_SIZE = 256_000
+#: Loki's validation.LineTooLongErrorMsg.
+LINE_TOO_LONG = (
+    "Max entry size '{limit}' bytes exceeded for stream '{stream}' while adding an entry "
+    "with length '{size}' bytes"
+)
 #: Generous: the machine is shared, and a deadline only matters when a test is failing.
 TIMEOUT = 30.0
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
@@ -109,12 +119,13 @@ class LokiReceiver:
     """Serve on a free local port for the life of an ``async with`` block.
 
     ``entries`` holds accepted lines in arrival order, ``attempts`` every POST that reached
-    the push path (accepted or not), ``accepted`` the pushes taken, ``headers`` the
-    recorded headers of each attempt and ``invalid`` the reasons of refused bodies.
+    the push path (accepted or not), ``accepted`` the pushes taken whole, ``headers`` the
+    recorded headers of each attempt and ``invalid`` the reasons of refused bodies and lines.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_line_size: int = MAX_LINE_SIZE) -> None:
         self.port = free_port()
+        self.max_line_size = max_line_size
         self.entries: list[Entry] = []
         self.headers: list[dict[str, str]] = []
         self.invalid: list[str] = []
@@ -155,6 +166,18 @@ class LokiReceiver:
         if self._runner is not None:
             await self._runner.cleanup()
 
+    def _too_long(self, entries: list[Entry]) -> dict[int, str]:
+        """Loki's reason for each entry over the line limit, by the entry's id."""
+        reasons: dict[int, str] = {}
+        for entry in entries:
+            size = len(entry.line.encode())
+            if self.max_line_size and size > self.max_line_size:
+                stream = ", ".join(f'{k}="{v}"' for k, v in sorted(entry.labels.items()))
+                reasons[id(entry)] = LINE_TOO_LONG.format(
+                    limit=self.max_line_size, stream=f"{{{stream}}}", size=size
+                )
+        return reasons
+
     async def _push(self, request: web.Request) -> web.Response:
         raw = await request.read()
         headers = {k: request.headers[k] for k in _RECORDED_HEADERS if k in request.headers}
@@ -167,9 +190,14 @@ class LokiReceiver:
                 self.invalid.append(str(exc))
                 response = web.Response(status=400, text=str(exc))
             else:
+                too_long = self._too_long(entries)
                 if self._scripted:
                     status, text = self._scripted.popleft()
                     response = web.Response(status=status, text=text)
+                elif too_long:
+                    self.invalid.extend(too_long.values())
+                    self.entries.extend(e for e in entries if id(e) not in too_long)
+                    response = web.Response(status=400, text="\n".join(too_long.values()))
                 else:
                     self.accepted += 1
                     self.entries.extend(entries)

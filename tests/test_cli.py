@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import signal
 import socket
@@ -40,6 +41,15 @@ def _one_error_line(stderr: str) -> str:
     assert len(lines) == 1, stderr
     assert lines[0].startswith("Error: "), stderr
     return lines[0]
+
+
+def _error_after_waiting(stderr: str) -> str:
+    """Start-up waits out weather, saying so once per kind of wait, then gives up in one line."""
+    *waits, last = stderr.splitlines()
+    events = [json.loads(line)["event"] for line in waits]
+    assert set(events) <= {"waiting for NATS", "start-up waiting"}, stderr
+    assert len(events) == len(set(events)), stderr
+    return _one_error_line(last)
 
 
 # --- mistakes an operator can make: one line, non-zero, no traceback -----------------------
@@ -82,17 +92,17 @@ async def test_run_with_a_bad_app_prints_one_error_line(target: str, expected: s
 
 async def test_run_with_unreachable_nats_prints_one_error_line() -> None:
     url = f"nats://127.0.0.1:{free_port()}"
-    done = await run_cli("run", WORKER, "--nats-url", url)
+    done = await run_cli("run", WORKER, "--nats-url", url, "--startup-timeout", "2")
     assert done.returncode == 1
-    assert _one_error_line(done.stderr).startswith(f"Error: cannot reach NATS at {url}: ")
+    assert _error_after_waiting(done.stderr).startswith(f"Error: cannot reach NATS at {url}: ")
     assert "Traceback" not in done.stdout
 
 
 async def test_run_without_the_messages_stream_prints_one_error_line() -> None:
     async with EmbeddedNats(create_streams=False) as bare:
-        done = await run_cli("run", WORKER, "--nats-url", bare.url)
+        done = await run_cli("run", WORKER, "--nats-url", bare.url, "--startup-timeout", "1")
     assert done.returncode == 1
-    assert _one_error_line(done.stderr) == (
+    assert _error_after_waiting(done.stderr) == (
         "Error: stream 'messages' does not exist on this NATS server: "
         "start the Conveyor server first, or run with --embedded"
     )
@@ -117,7 +127,9 @@ async def test_debug_log_level_shows_the_traceback_of_an_app_error() -> None:
 
 async def test_debug_log_level_shows_the_traceback_of_a_missing_stream() -> None:
     async with EmbeddedNats(create_streams=False) as bare:
-        done = await run_cli("run", WORKER, "--nats-url", bare.url, "--log-level", "debug")
+        done = await run_cli(
+            "run", WORKER, "--nats-url", bare.url, "--log-level", "debug", "--startup-timeout", "1"
+        )
     assert done.returncode == 1
     assert "Traceback (most recent call last):" in done.stderr
     assert "conveyor_driver.errors.StreamMissingError" in done.stderr

@@ -11,7 +11,7 @@ import orjson
 import pytest
 from structlog.typing import EventDict, WrappedLogger
 
-from conveyor_driver.logs.chain import RUN_KEYS, build_logger, render_message
+from conveyor_driver.logs.chain import RUN_KEYS, build_logger, render_message, truncate_line
 
 RUN = {
     "driver": "runner",
@@ -164,3 +164,30 @@ def test_sinks_see_level_timestamp_and_keys_before_rendering() -> None:
     assert_recent_utc(entry.pop("timestamp"))
     assert entry == {"run_id": "run-1", "event": "hello", "level": "info", "k": 1}
     assert len(read_lines(stream)) == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "limit"),
+    [
+        ("x" * 5000, 1000),  # one byte a character
+        ("é" * 5000, 1001),  # two: the cut must not split one
+        ("😀" * 5000, 1003),  # four
+        ("a" + "€" * 5000, 1000),  # three, off by one
+    ],
+)
+def test_truncate_line_fits_the_limit_names_the_size_and_cuts_between_characters(
+    text: str, limit: int
+) -> None:
+    size = len(text.encode())
+    marker = f" …[truncated: the line was {size} bytes]"
+    cut = truncate_line(text, limit)
+    assert cut.endswith(marker)
+    assert limit - 4 < len(cut.encode()) <= limit
+    assert text.startswith(cut.removesuffix(marker))
+
+
+def test_truncate_line_leaves_a_line_that_fits_alone() -> None:
+    assert truncate_line("é" * 500, 1000) == "é" * 500
+    assert truncate_line("x" * 1000, 1000) == "x" * 1000
+    # Below the marker's own size, the result still keeps to the limit.
+    assert len(truncate_line("x" * 1000, 10).encode()) <= 10

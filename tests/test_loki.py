@@ -322,6 +322,91 @@ async def test_lines_from_many_threads_reach_loki_in_time_order(receiver: LokiRe
         assert mine == [f"msg=line thread={n} i={i}" for i in range(300)]
 
 
+def marker(size: int) -> str:
+    return f" …[truncated: the line was {size} bytes]"
+
+
+async def test_a_line_over_loki_max_line_size_is_truncated_with_its_size(
+    receiver: LokiReceiver,
+) -> None:
+    shipping = Shipping(receiver.url)
+    shipping.sink.start()
+    shipping.run_log().info("before")
+    shipping.run_log().info("x" * 300_000)
+    shipping.run_log().info("after")
+    await shipping.sink.close()
+
+    assert receiver.invalid == []
+    before, big, after = receiver.lines()
+    assert (before, after) == ("msg=before", "msg=after")
+    # "msg=" and 300,000 x: cut to Loki's default limit, 256,000 bytes, marker included.
+    assert big.startswith("msg=xxxx") and big.endswith(marker(300_004))
+    assert len(big.encode()) == 256_000
+    assert shipping.sink.stats == LokiStats(shipped=3, retried=0, dropped=0)
+    # The console keeps the whole line.
+    assert any(len(line) > 300_000 for line in shipping.out.getvalue().splitlines())
+
+
+async def test_max_line_size_is_configurable_and_the_cut_falls_between_characters() -> None:
+    async with LokiReceiver(max_line_size=1000) as receiver:
+        shipping = Shipping(receiver.url, max_line_size=1000, line_format="json")
+        shipping.sink.start()
+        shipping.run_log().info("é" * 2000)
+        shipping.run_log().info("short")
+        await shipping.sink.close()
+
+    assert receiver.invalid == []
+    big, short = receiver.lines()
+    assert json.loads(short) == {"msg": "short"}
+    whole = len('{"msg":""}') + 2 * 2000  # é unescaped, in its two UTF-8 bytes
+    assert big.endswith(marker(whole))
+    assert 1000 - 2 <= len(big.encode()) <= 1000  # é is two bytes: never half of one
+    assert set(big.removesuffix(marker(whole))) <= set('{"msg:é')
+    assert shipping.sink.stats == LokiStats(shipped=2, retried=0, dropped=0)
+
+
+async def test_a_4xx_from_loki_does_not_stall_the_lines_behind_it() -> None:
+    # A Loki with a lower limit than the sink was told: it refuses, as Loki does, with 400.
+    async with LokiReceiver(max_line_size=1000) as receiver:
+        shipping = Shipping(receiver.url, max_line_size=5000)
+        shipping.sink.start()
+        shipping.run_log().info("x" * 3000)
+        shipping.run_log().info("same batch")
+        await receiver.wait_for(lambda r: r.attempts == 1)
+        for i in range(3):
+            shipping.run_log().info("later", i=i)
+        await shipping.sink.close()
+
+    [reason] = receiver.invalid
+    assert reason.startswith("Max entry size '1000' bytes exceeded for stream '{")
+    assert reason.endswith("while adding an entry with length '3004' bytes")
+    # Loki keeps the valid lines of a push it answers 400 to; the batches after it ship.
+    assert receiver.lines() == ['msg="same batch"', *(f"msg=later i={i}" for i in range(3))]
+    assert receiver.attempts == 2
+    [warning] = shipping.console_events(
+        "loki rejected a batch; dropping rejected batches (warned once)"
+    )
+    assert warning["status"] == 400 and warning["error"] == reason
+
+
+async def test_a_line_json_cannot_carry_is_dropped_alone_and_shipping_goes_on(
+    receiver: LokiReceiver,
+) -> None:
+    shipping = Shipping(receiver.url)
+    shipping.sink.start()
+    # Text decoded with surrogateescape: not UTF-8, so no JSON encoder takes it.
+    shipping.sink(None, "info", {"event": "bad \udc80 bytes", "level": "info"})
+    shipping.log.info("good")
+    await shipping.sink.close()
+
+    assert receiver.lines() == ["msg=good"]
+    assert shipping.sink.stats == LokiStats(shipped=1, retried=0, dropped=1)
+    [warning] = shipping.console_events(
+        "loki cannot encode a log line; dropping such lines (warned once)"
+    )
+    assert "surrogates" in warning["error"]
+
+
 # -- through the runtime --------------------------------------------------------------------
 
 

@@ -5,22 +5,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import io
 import json
 import re
+import signal
+import tempfile
 import threading
 from collections.abc import AsyncIterator
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
+import nats
 import nats.errors
+import orjson
 from _helpers import TIMEOUT, driver_message, publish, raw_results, resource_json, wait_until
+from apps.harness import CLI, DriverProcess, app, clean_env
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from structlog.typing import FilteringBoundLogger
 
-from conveyor_driver import Context, Driver, Result
+from conveyor_driver import Context, Driver, Resource, Result
 from conveyor_driver import protocol as p
-from conveyor_driver.embedded import EmbeddedNats
+from conveyor_driver.embedded import EmbeddedNats, find_nats_server, free_port
+from conveyor_driver.emit import emit_event, watch_results
+from conveyor_driver.logs.chain import build_logger
+from conveyor_driver.logs.nats import NatsLogSink
 from conveyor_driver.testing.fixtures import running
 
 LOG_KEYS = {"runid", "driver", "pipeline", "timestamp", "message"}
@@ -196,3 +207,282 @@ async def test_lines_still_queued_at_shutdown_are_flushed(
 
     messages = [entry["message"] for entry in stored]
     assert messages == ["run succeeded result="] + [f"late n={n}" for n in range(500)]
+
+
+# -- lines too big, refusals, shutdown ------------------------------------------------------
+
+TRACE = {"trace_id": "0af7651916cd43dd8448eb211c80319c", "span_id": "b7ad6b7169203331"}
+
+
+def marker(size: int) -> str:
+    return f" …[truncated: the line was {size} bytes]"
+
+
+async def all_stored(nc: Client) -> list[dict[str, Any]]:
+    """Every entry in the ``logs-engine`` stream, whatever the run (one consumer, deleted)."""
+    js = nc.jetstream()
+    expected = (await js.stream_info(p.LOGS_STREAM)).state.messages
+    sub = await js.pull_subscribe("logs.>", stream=p.LOGS_STREAM)
+    entries: list[dict[str, Any]] = []
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + TIMEOUT
+        while len(entries) < expected and loop.time() < deadline:
+            with contextlib.suppress(nats.errors.TimeoutError):
+                for msg in await sub.fetch(expected - len(entries), timeout=2):
+                    entries.append(json.loads(msg.data))
+                    await msg.ack()
+        name = (await sub.consumer_info()).name
+    finally:
+        await sub.unsubscribe()
+    await js.delete_consumer(p.LOGS_STREAM, name)
+    return entries
+
+
+def messages_of(entries: list[dict[str, Any]], run_id: str) -> list[str]:
+    return [entry["message"] for entry in entries if entry["runid"] == run_id]
+
+
+class DirectSink:
+    """A NATS sink on its own connection, with its warnings and its chain's output kept."""
+
+    def __init__(self, nc: Client, driver: str = "direct") -> None:
+        self.console = io.StringIO()
+        self.sink = NatsLogSink(driver, console=build_logger(stream=self.console, fmt="json"))
+        self.out = io.StringIO()
+        self.log = build_logger(sinks=[self.sink], stream=self.out, fmt="json").bind(driver=driver)
+        self.sink.start(nc)
+
+    def warnings(self) -> list[dict[str, Any]]:
+        records = [json.loads(line) for line in self.console.getvalue().splitlines()]
+        return [record for record in records if record["level"] == "warning"]
+
+
+@contextlib.asynccontextmanager
+async def nats_server_with_max_payload(max_payload: int) -> AsyncIterator[str]:
+    """A nats-server with JetStream and the Conveyor streams, whose ``max_payload`` is not
+    the default 1 MB: what the sink reads must come from the server."""
+    with tempfile.TemporaryDirectory(prefix="conveyor-nats-") as tmp:
+        port = free_port()
+        config = Path(tmp) / "nats.conf"
+        config.write_text(
+            f'listen: "127.0.0.1:{port}"\nmax_payload: {max_payload}\n'
+            f"jetstream {{ store_dir: {json.dumps(tmp)} }}\n"
+        )
+        log = (Path(tmp) / "nats.log").open("wb")
+        proc = await asyncio.create_subprocess_exec(
+            find_nats_server(), "-c", str(config), stdout=log, stderr=log, start_new_session=True
+        )
+        url = f"nats://127.0.0.1:{port}"
+        try:
+
+            async def connectable() -> bool:
+                try:
+                    nc = await nats.connect(url, allow_reconnect=False, connect_timeout=1)
+                except Exception:
+                    return False
+                js = nc.jetstream()
+                for stream in p.server_streams():
+                    await js.add_stream(stream)
+                await nc.close()
+                return True
+
+            await wait_until(connectable, what="nats-server listening")
+            yield url
+        finally:
+            proc.terminate()
+            await proc.wait()
+            log.close()
+
+
+async def test_a_line_over_max_payload_is_truncated_and_the_runs_after_it_still_log(
+    nats_server: EmbeddedNats, nats_client: Client
+) -> None:
+    driver = Driver("big")
+
+    @driver.on("pipeline")
+    async def build(ctx: Context) -> None:
+        if ctx.resource.name == "huge":
+            ctx.log.info("x" * 2_000_000)
+        ctx.log.info("after", name=ctx.resource.name)
+
+    huge_id, huge = driver_message(resource_json("huge"))
+    next_id, following = driver_message(resource_json("next"))
+    async with (
+        raw_results(nats_client) as results,
+        live_lines(nats_client, huge_id, "big") as huge_live,
+        live_lines(nats_client, next_id, "big") as next_live,
+    ):
+        async with running(driver, nats_server.url):
+            await publish(nats_client, "resources.pipeline", huge)
+            await results.wait(huge_id)
+            await publish(nats_client, "resources.pipeline", following)
+            await results.wait(next_id)
+            await wait_until(lambda: len(next_live) == 2, what="live lines of the next run")
+        stored = await all_stored(nats_client)
+
+    assert messages_of(stored, next_id) == ["after name=next", "run succeeded result="]
+    big, *rest = messages_of(stored, huge_id)
+    assert rest == ["after name=huge", "run succeeded result="]
+    assert big.startswith("xxxx") and big.endswith(marker(2_000_000))
+    [entry] = [e for e in stored if e["message"] == big]
+    # As large as the server takes, and no larger.
+    assert nats_client.max_payload - 200 < len(orjson.dumps(entry)) <= nats_client.max_payload
+    assert [line["message"] for line in huge_live] == messages_of(stored, huge_id)
+
+
+async def test_the_limit_comes_from_the_server_and_counts_the_trace_headers() -> None:
+    limit = 64 * 1024
+    async with nats_server_with_max_payload(limit) as url:
+        nc = await nats.connect(url)
+        try:
+            seen: list[Msg] = []
+
+            async def on_line(msg: Msg) -> None:
+                seen.append(msg)
+
+            await nc.subscribe("live.logs.run-1.direct", cb=on_line)
+            direct = DirectSink(nc)
+            log = direct.log.bind(run_id="run-1")
+            log.info("y" * 100_000, **TRACE)
+            log.info("after", **TRACE)
+            await direct.sink.close()
+            stored = await all_stored(nc)
+            await wait_until(lambda: len(seen) == 2, what="2 live lines")
+            reconnects = nc.stats["reconnects"]
+        finally:
+            await nc.close()
+
+    assert [entry["message"] for entry in stored][1:] == ["after"]
+    assert stored[0]["message"].endswith(marker(100_000))
+    assert (direct.sink.sent, direct.sink.dropped) == (2, 0)
+    # The server closes the connection of a client that sends more than max_payload,
+    # headers included: it never had to.
+    assert reconnects == 0
+    assert seen[0].headers is not None and "traceparent" in seen[0].headers
+    assert limit - 200 < len(seen[0].data) < limit
+    assert direct.warnings() == []
+
+
+async def test_an_entry_the_stream_refuses_is_dropped_once_and_warned_the_rest_goes_on(
+    nats_server: EmbeddedNats, nats_client: Client
+) -> None:
+    # A stream that takes at most 4 KiB a message: a refusal no retry can change.
+    js = nats_client.jetstream()
+    config = (await js.stream_info(p.LOGS_STREAM)).config
+    await js.update_stream(dataclasses.replace(config, max_msg_size=4096))
+    direct = DirectSink(nats_client)
+    log = direct.log.bind(run_id="run-1")
+    log.info("z" * 10_000)
+    log.info("kept", n=1)
+    await wait_until(lambda: direct.sink.sent + direct.sink.dropped == 2, what="first batch")
+    log.info("z" * 20_000)
+    log.info("kept", n=2)
+    started = asyncio.get_running_loop().time()
+    await direct.sink.close()
+    closing = asyncio.get_running_loop().time() - started
+
+    stored = await all_stored(nats_client)
+    assert [entry["message"] for entry in stored] == ["kept n=1", "kept n=2"]
+    assert (direct.sink.sent, direct.sink.dropped) == (2, 2)
+    [warning] = direct.warnings()
+    assert warning["event"] == "nats refused log lines; dropping such lines (warned once)"
+    assert warning["lines"] == 1
+    assert "message size exceeds maximum allowed" in warning["reason"]
+    assert warning["sink"] == "nats"
+    # The sink's own trouble stays off the chain it ships.
+    assert "refused" not in direct.out.getvalue()
+    assert closing < 5
+
+
+async def test_a_line_that_is_not_utf8_is_published_with_replacement_characters(
+    nats_server: EmbeddedNats, nats_client: Client
+) -> None:
+    direct = DirectSink(nats_client)
+    # Text decoded with surrogateescape: not UTF-8, so no JSON encoder takes it as it is.
+    direct.sink(None, "info", {"run_id": "run-1", "event": "bad \udc80 bytes"})
+    direct.log.bind(run_id="run-1").info("good")
+    await direct.sink.close()
+
+    stored = await all_stored(nats_client)
+    assert [entry["message"] for entry in stored] == ["bad ? bytes", "good"]
+    assert (direct.sink.sent, direct.sink.dropped) == (2, 0)
+
+
+async def test_close_past_its_deadline_counts_what_is_left_and_a_second_close_is_quiet(
+    nats_server: EmbeddedNats,
+) -> None:
+    nc = await nats.connect(nats_server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+    try:
+        direct = DirectSink(nc)
+        await nats_server.stop()  # NATS away: nothing can be stored
+        log = direct.log.bind(run_id="run-1")
+        for n in range(5):
+            log.info("line", n=n)
+        await direct.sink.close(timeout=0.5)
+        await direct.sink.close()  # the runtime closes twice: its finally and its exit stack
+    finally:
+        with contextlib.suppress(ConnectionError):  # the client's own close, server away
+            await nc.close()
+    assert (direct.sink.sent, direct.sink.dropped) == (0, 5)
+
+
+async def test_a_driver_process_logging_a_2mb_line_keeps_shipping_and_stops_cleanly(
+    nats_server: EmbeddedNats, nats_client: Client
+) -> None:
+    live: list[dict[str, Any]] = []
+
+    async def on_line(msg: Msg) -> None:
+        live.append(json.loads(msg.data))
+
+    await nats_client.subscribe("live.logs.*.big-line", cb=on_line)
+    proc = await asyncio.create_subprocess_exec(
+        *CLI,
+        "run",
+        app("big_line_app.py:driver"),
+        "--nats-url",
+        nats_server.url,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=clean_env(),
+        start_new_session=True,
+        limit=8 * 1024 * 1024,  # the console prints the 2 MB line whole, as one line
+    )
+    process = DriverProcess(proc)
+    try:
+        async with watch_results(nats_client) as watch:
+            await process.started()
+            spec = {"chars": 2_000_000, "lines": 1}
+            huge = await emit_event(nats_client, Resource("huge", "job", spec=spec))
+            await watch.wait(huge.run_id, timeout=TIMEOUT)
+            runs = [
+                await emit_event(nats_client, Resource(f"next-{n}", "job", spec={"lines": 2}))
+                for n in range(2)
+            ]
+            for run in runs:
+                await watch.wait(run.run_id, timeout=TIMEOUT)
+            await wait_until(
+                lambda: all(len(messages_of(live, run.run_id)) == 3 for run in runs),
+                what="live lines of the runs after the big line",
+            )
+        loop = asyncio.get_running_loop()
+        stopping = loop.time()
+        process.send(signal.SIGTERM)
+        code = await process.wait()
+        stopped_in = loop.time() - stopping
+    finally:
+        await process.close()
+
+    assert code == 0, process.output[-3000:]
+    assert stopped_in < 8, f"stopped in {stopped_in:.1f}s"
+    errors = "\n".join(line for line in process.stderr_lines if len(line) < 100_000)
+    assert "Traceback" not in errors and "CancelledError" not in errors, errors
+    stored = await all_stored(nats_client)
+    for run in runs:
+        assert messages_of(stored, run.run_id)[:2] == ["line n=0", "line n=1"]
+        assert messages_of(stored, run.run_id) == messages_of(live, run.run_id)
+    big, *rest = messages_of(stored, huge.run_id)
+    assert big.endswith(marker(2_000_000))
+    assert rest[0] == "line n=0" and rest[1].startswith("run succeeded")
+    assert messages_of(live, huge.run_id) == messages_of(stored, huge.run_id)

@@ -162,6 +162,15 @@ CASES = [
         LOKI,
     ),
     Case(
+        "CONVEYOR_LOKI_MAX_LINE_SIZE",
+        "--loki-max-line-size",
+        "100000",
+        100_000,
+        _loki("max_line_size"),
+        ("-1", "big"),
+        needs=LOKI,
+    ),
+    Case(
         "CONVEYOR_LOKI_STRUCTURED_METADATA",
         "--loki-structured-metadata",
         "off",

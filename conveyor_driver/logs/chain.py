@@ -108,6 +108,30 @@ def render_message(event_dict: Mapping[str, Any]) -> str:
 
 _NOT_IN_MESSAGE = frozenset({"event", "level", "timestamp", "exception", "trace_id", "span_id"})
 
+#: Ends a line cut to fit a receiver's limit, naming the size of the whole line.
+TRUNCATED_MARKER = " …[truncated: the line was {size} bytes]"
+
+
+def truncate_line(text: str, limit: int) -> str:
+    """``text`` if its UTF-8 form fits in ``limit`` bytes; else its head and the marker.
+
+    Receivers refuse an over-long line whole (NATS closes the connection over a message
+    above ``max_payload``, Loki answers 400 above ``max_line_size``), and a refused line is
+    lost for good. Cut, the line keeps what usually matters (its start) and says that it
+    was cut and how big it was; the console still prints it whole. The result never exceeds
+    ``limit`` bytes, and the cut falls between characters, never inside one.
+    """
+    if len(text) * 4 <= limit:  # even four bytes a character fit: no need to encode
+        return text
+    data = text.encode("utf-8", "surrogatepass")
+    if len(data) <= limit:
+        return text
+    marker = TRUNCATED_MARKER.format(size=len(data))
+    room = limit - len(marker.encode())
+    if room <= 0:
+        return marker.encode()[: max(limit, 0)].decode("utf-8", "ignore")
+    return data[:room].decode("utf-8", "ignore") + marker
+
 
 def _level_number(level: str) -> int:
     return logging.getLevelNamesMapping()[level.upper()]

@@ -6,6 +6,12 @@ the resource type, the level and static labels), while per-run values such as th
 into structured metadata, so Loki's stream count does not grow with every build; and a clean
 shutdown flushes what is queued within a deadline. The shipper reports its own trouble on the
 console only, never through the chain it ships, so a failing Loki cannot feed itself.
+
+A line longer than Loki's ``max_line_size`` (256,000 bytes by default) would be refused
+with a 400 and lost; it is truncated instead, with the marker the NATS sink uses, which
+states the line's whole size (see :func:`~conveyor_driver.logs.chain.truncate_line`). A
+refused batch is dropped, counted and warned about once, never retried, so the lines
+behind it go on.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import orjson
 
 from .. import validation
 from ..errors import InvalidSettingError
-from .chain import build_logger
+from .chain import build_logger, truncate_line
 from .stdlib import silence_bridge
 
 if TYPE_CHECKING:
@@ -93,6 +99,10 @@ class LokiConfig:
 
     The validators are the only rules for these values: the CLI and ``CONVEYOR_LOKI_*``
     both end up here, so a value is accepted or refused the same way from either.
+
+    ``max_line_size`` is the receiving Loki's limit in bytes (its ``limits_config``
+    ``max_line_size``: ``256KB``, which Loki reads as 256,000): longer lines are truncated
+    to it with a marker rather than refused. 0 means Loki has no limit.
     """
 
     url: str = attrs.field(
@@ -114,6 +124,7 @@ class LokiConfig:
     min_backoff: float = 0.5
     max_backoff: float = 30.0
     flush_timeout: float = 10.0
+    max_line_size: int = attrs.field(default=256_000, validator=validation.number(int, minimum=0))
 
     def __attrs_post_init__(self) -> None:
         if self.username and self.token:
@@ -158,10 +169,12 @@ class LokiSink:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._warned_rejected = False
+        self._warned_unencodable = False
         self._console = (console or build_logger()).bind(sink="loki")
         self._in_flight = 0
         self._wake_at = max(1, config.batch_bytes // 256)
         self._labels: dict[tuple[object, object], _Labels] = {}
+        self._max_line = config.max_line_size
 
     def __call__(self, _logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
         if len(self._queue) >= self.config.max_queue:
@@ -251,7 +264,11 @@ class LokiSink:
             # Stamps are taken in queue order, so they only go back when the clock does.
             in_order = in_order and timestamp >= previous
             previous = timestamp
-            labels, value = entry(timestamp, event_dict)
+            try:
+                labels, value = entry(timestamp, event_dict)
+            except TypeError as exc:  # text JSON cannot carry (lone surrogates): this line only
+                self._unencodable(exc)
+                continue
             values = streams.get(labels)
             if values is None:
                 streams[labels] = [value]
@@ -278,6 +295,8 @@ class LokiSink:
                     value = pop(name)
                     metadata[label] = value if type(value) is str else str(value)
         line = self._render(message, event_dict)
+        if self._max_line and len(line) * 4 > self._max_line:  # the common case skips a call
+            line = truncate_line(line, self._max_line)
         if metadata:
             return labels, [str(timestamp), line, metadata]
         return labels, [str(timestamp), line]
@@ -321,6 +340,14 @@ class LokiSink:
             await asyncio.sleep(random.uniform(delay / 2, delay))
         self.stats.dropped += count
         self._console.warning("loki unreachable; batch dropped", lines=count, reason=reason)
+
+    def _unencodable(self, exc: Exception) -> None:
+        self.stats.dropped += 1
+        if not self._warned_unencodable:
+            self._warned_unencodable = True
+            self._console.warning(
+                "loki cannot encode a log line; dropping such lines (warned once)", error=str(exc)
+            )
 
     def _rejected(self, status: int, text: str, count: int) -> None:
         self.stats.dropped += count

@@ -49,11 +49,12 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
     nats_tls = tls.ssl_context() if tls is not None else None
     concurrency = settings.concurrency or driver.concurrency
     telemetry = Telemetry()
-    sink = NatsLogSink(driver.name, on_lines=telemetry.line_counter("nats"))
+    # The sinks report their own trouble here, outside the chain they feed.
+    console = build_logger(level=settings.log_level, fmt=settings.log_format)
+    sink = NatsLogSink(driver.name, on_lines=telemetry.line_counter("nats"), console=console)
     sinks: list[Processor] = [sink]
     loki: LokiSink | None = None
     if settings.loki is not None:
-        console = build_logger(level=settings.log_level, fmt=settings.log_format)
         loki = LokiSink(
             settings.loki,
             service_name=driver.name,
