@@ -224,7 +224,10 @@ async def _status(name: str, urls: tuple[str, ...], tls: ssl.SSLContext | None =
     from .logs.chain import build_logger
     from .runtime.connection import connect
 
-    nc = await connect(urls, name="conveyor-driver:status", log=build_logger(), tls=tls)
+    # A one-shot command reports its failure as one line, so the connection's own
+    # "waiting for NATS" warnings stay out of its output.
+    log = build_logger(level="error")
+    nc = await connect(urls, name="conveyor-driver:status", log=log, tls=tls)
     try:
         try:
             info = await nc.jetstream().consumer_info(protocol.MESSAGES_STREAM, name)
@@ -298,7 +301,7 @@ async def _emit(
     from .runtime.connection import connect
 
     event, driver, timeout = own["event"], own["driver"], own["timeout"]
-    log = build_logger(level="warning")
+    log = build_logger(level="error")  # one line on failure, as status
     nc = await connect(urls, name="conveyor-driver:emit", log=log, tls=tls)
     try:
         async with watch_results(nc) as watch:

@@ -352,7 +352,7 @@ async def test_inflight_counts_the_handlers_running_now(
         assert inflight() == [0]
 
 
-async def test_messages_that_cannot_be_handled_are_terminated_spans_and_counted(
+async def test_undecodable_messages_are_terminated_and_unhandled_broadcasts_skipped(
     otel: Recorder, nats_server: EmbeddedNats, nats_client: Client
 ) -> None:
     driver = Driver("picky")
@@ -378,9 +378,14 @@ async def test_messages_that_cannot_be_handled_are_terminated_spans_and_counted(
     [routeless] = [s for s in otel.spans() if s is not garbage]
     assert routeless.attributes["conveyor.run_id"] == run_id
     assert routeless.attributes["conveyor.event"] == "delete"
-    assert routeless.attributes["conveyor.outcome"] == "unrouted"
+    # A broadcast event no handler takes is skipped (acked), not an error.
+    assert routeless.attributes["conveyor.outcome"] == "skipped"
     runs = points(otel.metrics(), "conveyor.driver.runs")
-    assert {key: p.value for key, p in runs.items()} == {(("outcome", "terminated"),): 2}
+    assert {key: p.value for key, p in runs.items()} == {
+        (("outcome", "terminated"),): 1,
+        (("outcome", "skipped"),): 1,
+    }
+    assert routeless.status.status_code is not StatusCode.ERROR
 
 
 async def test_a_command_is_a_child_span_and_its_lines_carry_it(

@@ -49,12 +49,12 @@ async def connect(
 
     async def error_cb(exc: Exception) -> None:
         if not connected:
-            if not failures:
-                log.warning("waiting for NATS", nats=where, error=str(exc) or type(exc).__name__)
-            failures.append(exc)
             reason = nats_tls_failure(exc, where, tls_configured=tls is not None)
             if reason is not None and not fatal.done():
                 fatal.set_result(reason)
+            elif not failures:
+                log.warning("waiting for NATS", nats=where, error=str(exc) or type(exc).__name__)
+            failures.append(exc)
         if not closing():
             log.warning("nats error", error=str(exc) or type(exc).__name__)
 

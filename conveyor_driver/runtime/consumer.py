@@ -104,6 +104,7 @@ class Consumer:
         self._acks_sent = 0
         self._pull_subject = protocol.pull_request_subject(protocol.MESSAGES_STREAM, driver.name)
         self._tasks: list[asyncio.Task[None]] = []
+        self._bounced: set[asyncio.Task[None]] = set()
         self.last_activity = time.monotonic()
         self.last_loop = time.monotonic()
         self.handled = 0
@@ -157,6 +158,8 @@ class Consumer:
                     "grace period over: unfinished runs handed back", count=len(unfinished)
                 )
                 await asyncio.wait(unfinished, timeout=_HANDBACK_TIMEOUT)
+        if self._bounced:
+            await asyncio.wait(self._bounced, timeout=_HANDBACK_TIMEOUT)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -223,7 +226,9 @@ class Consumer:
         self._requested = max(self._requested - 1, 0)
         if self._stopping or len(self._running) >= self.concurrency:
             # Not expected (see stop and _pull), but if it happens it is not an attempt.
-            self._tasks.append(asyncio.create_task(self._hand_back(msg)))
+            bounce = asyncio.create_task(self._hand_back(msg))
+            self._bounced.add(bounce)
+            bounce.add_done_callback(self._bounced.discard)
             return
         task = asyncio.create_task(self._handle(msg))
         self._running[task] = msg
