@@ -18,7 +18,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from conveyor_driver import Context, Driver, Fail, Resource, Result
-from conveyor_driver._reaper import Reaper
+from conveyor_driver._reaper import REAPER, Reaper
 from conveyor_driver.commands import CAPTURE_LIMIT
 from conveyor_driver.embedded import EmbeddedNats
 from conveyor_driver.emit import emit_event, watch_results
@@ -275,6 +275,30 @@ async def test_a_killed_reaper_is_replaced_and_told_every_running_group() -> Non
         for process in (first, second):
             _kill_group(process.pid)
             process.wait()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the reaper is Linux-only")
+def test_a_forked_child_does_not_hold_the_reapers_pipe_open() -> None:
+    """Or the helper would not see EOF when the driver dies while the child lives on."""
+    sleeper = _sleeper()
+    try:
+        REAPER.register(sleeper.pid)
+        write_fd = REAPER._write_fd
+        assert write_fd is not None
+        pid = os.fork()
+        if pid == 0:  # the child: report whether the descriptor is still open, and go
+            try:
+                os.fstat(write_fd)
+            except OSError:
+                os._exit(0)
+            os._exit(1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert REAPER._write_fd == write_fd  # the parent's end is untouched
+    finally:
+        REAPER.unregister(sleeper.pid)
+        _kill_group(sleeper.pid)
+        sleeper.wait()
 
 
 async def test_env_is_added_to_the_environment_and_path_is_kept() -> None:
