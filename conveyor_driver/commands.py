@@ -22,6 +22,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 from structlog.typing import FilteringBoundLogger
 
+from ._reaper import REAPER
 from .outcomes import Fail
 from .telemetry import INSTRUMENTATION
 
@@ -111,26 +112,31 @@ async def _run(
     else:
         args = tuple(cmd)
         process = await asyncio.create_subprocess_exec(*args, **options)
-    log.info("command started", command=args if isinstance(args, str) else " ".join(args))
-    assert process.stdout is not None and process.stderr is not None
-    tails = {"stdout": _Tail(), "stderr": _Tail()}
-    readers = asyncio.gather(
-        _pump(process.stdout, "stdout", log, tails["stdout"]),
-        _pump(process.stderr, "stderr", log, tails["stderr"]),
-        process.wait(),
-    )
-    timed_out = False
+    # start_new_session made it the leader of its group: the pid is the group's id.
+    REAPER.register(process.pid)
     try:
-        await asyncio.wait_for(readers, timeout)
-    except TimeoutError:
-        timed_out = True
-        _kill_group(process)
-        await process.wait()
-    except asyncio.CancelledError:
-        _kill_group(process)
-        with contextlib.suppress(ProcessLookupError):
-            await asyncio.shield(process.wait())
-        raise
+        log.info("command started", command=args if isinstance(args, str) else " ".join(args))
+        assert process.stdout is not None and process.stderr is not None
+        tails = {"stdout": _Tail(), "stderr": _Tail()}
+        readers = asyncio.gather(
+            _pump(process.stdout, "stdout", log, tails["stdout"]),
+            _pump(process.stderr, "stderr", log, tails["stderr"]),
+            process.wait(),
+        )
+        timed_out = False
+        try:
+            await asyncio.wait_for(readers, timeout)
+        except TimeoutError:
+            timed_out = True
+            _kill_group(process)
+            await process.wait()
+        except asyncio.CancelledError:
+            _kill_group(process)
+            with contextlib.suppress(ProcessLookupError):
+                await asyncio.shield(process.wait())
+            raise
+    finally:
+        REAPER.unregister(process.pid)
     exit_code = process.returncode if process.returncode is not None else -1
     result = CommandResult(
         args=args,

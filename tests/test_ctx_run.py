@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from apps.harness import app, driver_process
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from conveyor_driver import Context, Driver, Fail, Resource, Result
+from conveyor_driver._reaper import REAPER, Reaper
 from conveyor_driver.commands import CAPTURE_LIMIT
 from conveyor_driver.embedded import EmbeddedNats
 from conveyor_driver.emit import emit_event, watch_results
@@ -195,6 +199,106 @@ async def test_cancelling_the_handler_kills_the_process_group(tmp_path: Path) ->
         await task
     await wait_dead(shell_pid)
     await wait_dead(child_pid)
+
+
+def _kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the reaper is Linux-only")
+async def test_a_sigkilled_driver_takes_the_commands_process_group_with_it(
+    nats_server: EmbeddedNats, nats_client: Client, tmp_path: Path
+) -> None:
+    shell, child = tmp_path / "shell.pid", tmp_path / "child.pid"
+    # Longer than any deadline below: only a kill ends it within the test.
+    cmd = f"echo $$ > {shell}; sleep 300 & echo $! > {child}; wait"
+    shell_pid: int | None = None
+    try:
+        async with driver_process(
+            app("commands_app.py:driver"), "--nats-url", nats_server.url
+        ) as proc:
+            await proc.started()
+            await emit_event(nats_client, Resource("orphans", "job", spec={"cmd": cmd}))
+            shell_pid, child_pid = await read_pid(shell), await read_pid(child)
+            assert alive(shell_pid) and alive(child_pid)
+            proc.send(signal.SIGKILL)
+            assert await proc.wait() == -signal.SIGKILL
+        await wait_dead(shell_pid)
+        await wait_dead(child_pid)
+    finally:
+        if shell_pid is not None:  # the command's group, whatever the outcome
+            _kill_group(shell_pid)
+
+
+def _sleeper() -> subprocess.Popen[bytes]:
+    return subprocess.Popen(["sleep", "300"], start_new_session=True)
+
+
+async def _reaped(process: subprocess.Popen[bytes]) -> int:
+    return await asyncio.wait_for(asyncio.to_thread(process.wait), TIMEOUT)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the reaper is Linux-only")
+async def test_the_reaper_kills_the_groups_still_registered_when_its_pipe_closes() -> None:
+    kept, finished = _sleeper(), _sleeper()
+    try:
+        reaper = Reaper()
+        reaper.register(kept.pid)
+        reaper.register(finished.pid)
+        reaper.unregister(finished.pid)
+        reaper.close()  # what the kernel does to the pipe when the driver dies
+        assert await _reaped(kept) == -signal.SIGKILL
+        assert finished.poll() is None
+    finally:
+        for process in (kept, finished):
+            _kill_group(process.pid)
+            process.wait()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the reaper is Linux-only")
+async def test_a_killed_reaper_is_replaced_and_told_every_running_group() -> None:
+    first, second = _sleeper(), _sleeper()
+    try:
+        reaper = Reaper()
+        reaper.register(first.pid)
+        helper = reaper._helper
+        assert helper is not None
+        helper.kill()
+        helper.wait()
+        reaper.register(second.pid)
+        assert reaper._helper is not None and reaper._helper.pid != helper.pid
+        reaper.close()
+        assert await _reaped(first) == -signal.SIGKILL
+        assert await _reaped(second) == -signal.SIGKILL
+    finally:
+        for process in (first, second):
+            _kill_group(process.pid)
+            process.wait()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the reaper is Linux-only")
+def test_a_forked_child_does_not_hold_the_reapers_pipe_open() -> None:
+    """Or the helper would not see EOF when the driver dies while the child lives on."""
+    sleeper = _sleeper()
+    try:
+        REAPER.register(sleeper.pid)
+        write_fd = REAPER._write_fd
+        assert write_fd is not None
+        pid = os.fork()
+        if pid == 0:  # the child: report whether the descriptor is still open, and go
+            try:
+                os.fstat(write_fd)
+            except OSError:
+                os._exit(0)
+            os._exit(1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert REAPER._write_fd == write_fd  # the parent's end is untouched
+    finally:
+        REAPER.unregister(sleeper.pid)
+        _kill_group(sleeper.pid)
+        sleeper.wait()
 
 
 async def test_env_is_added_to_the_environment_and_path_is_kept() -> None:
