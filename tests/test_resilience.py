@@ -369,3 +369,33 @@ async def _wait_listening(port: int) -> None:
         return True
 
     await wait_until(listening, what=f"nats-server on {port}")
+
+
+async def test_a_cancellation_lost_during_start_up_still_stops_the_driver(
+    nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Python 3.11's ``asyncio.wait_for`` (under every nats-py request) can drop a
+    cancellation that lands as the answer arrives; serving on forever is not an option."""
+    from conveyor_driver.runtime import server as server_module
+
+    opening = asyncio.Event()
+    real_open = server_module.RunLedger.open
+
+    async def open_dropping_a_cancel(*args: Any, **kwargs: Any) -> Any:
+        opening.set()
+        with contextlib.suppress(asyncio.CancelledError):  # as wait_for may do
+            await asyncio.sleep(30)
+        return await real_open(*args, **kwargs)
+
+    monkeypatch.setattr(server_module.RunLedger, "open", open_dropping_a_cancel)
+    driver = Driver("cancelled-early")
+
+    @driver.on("pipeline")
+    async def build(ctx: Context) -> None:
+        return None
+
+    serving = asyncio.create_task(driver.serve(Settings(nats_urls=nats_server.url)))
+    await asyncio.wait_for(opening.wait(), TIMEOUT)
+    serving.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(serving, TIMEOUT)
