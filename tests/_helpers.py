@@ -103,7 +103,8 @@ async def wait_until(
 
 
 async def consumer_info(nc: Client, driver: str) -> ConsumerInfo:
-    return await nc.jetstream().consumer_info(protocol.MESSAGES_STREAM, driver)
+    info: ConsumerInfo = await nc.jetstream().consumer_info(protocol.MESSAGES_STREAM, driver)
+    return info
 
 
 async def stream_messages(nc: Client, stream: str) -> int:

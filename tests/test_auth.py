@@ -48,11 +48,15 @@ ALGORITHM = {"rsa": "RS256", "p256": "ES256", "p384": "ES384", "p521": "ES512"}
 
 def decode(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
     header, claims, _signature = token.split(".")
-    pad = lambda s: s + "=" * (-len(s) % 4)  # noqa: E731
     return (
-        json.loads(base64.urlsafe_b64decode(pad(header))),
-        json.loads(base64.urlsafe_b64decode(pad(claims))),
+        json.loads(base64.urlsafe_b64decode(_pad(header))),
+        json.loads(base64.urlsafe_b64decode(_pad(claims))),
     )
+
+
+def _pad(segment: str) -> str:
+    """Base64url without its padding (as JWTs carry it) made decodable again."""
+    return segment + "=" * (-len(segment) % 4)
 
 
 def der_b64(issued: Issued) -> list[str]:

@@ -59,7 +59,8 @@ async def test_two_processes_share_the_work_and_none_is_done_twice(
         # Delivered 40 times in all: no message went to both processes.
         assert info.delivered.consumer_seq == 40
 
-        handled_by: collections.Counter[int] = collections.Counter()
+        # the pids, as the JSON gave them
+        handled_by: collections.Counter[object] = collections.Counter()
         for run_id in run_ids:
             results = _results(watch, run_id)
             assert len(results) == 1, (run_id, results)

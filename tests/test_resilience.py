@@ -74,6 +74,7 @@ async def test_a_graceful_stop_hands_runs_back_once_without_bouncing_them(
         await wait_until(lambda: len(started) == 2, what="both runs started")
     info = await consumer_info(nats_client, "bouncer")
     # Two messages, two deliveries: nothing came back into the stopping process.
+    assert info.delivered is not None
     assert info.delivered.consumer_seq == 2
     assert info.num_ack_pending == 2  # nak'ed, waiting for the next instance
 

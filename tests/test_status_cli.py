@@ -9,6 +9,7 @@ from _helpers import TIMEOUT, driver_message, resource_json, settled, wait_until
 from apps.harness import Completed, app, run_cli
 from apps.worker_app import driver as worker
 from nats.aio.client import Client
+from nats.js.api import ConsumerInfo
 
 from conveyor_driver import protocol
 from conveyor_driver.embedded import EmbeddedNats, free_port
@@ -104,7 +105,7 @@ async def test_status_of_a_running_driver_that_drained_its_backlog(
 
 
 async def _one_pull_waiting(nc: Client) -> bool:
-    info = await nc.jetstream().consumer_info(protocol.MESSAGES_STREAM, "worker")
+    info: ConsumerInfo = await nc.jetstream().consumer_info(protocol.MESSAGES_STREAM, "worker")
     return info.num_waiting == 1
 
 
