@@ -25,7 +25,7 @@ from conveyor_driver import Settings, protocol
 from conveyor_driver.embedded import EmbeddedNats
 from conveyor_driver.emit import emit_event, watch_results
 from conveyor_driver.models import Resource, converter
-from conveyor_driver.testing.fixtures import running
+from conveyor_driver.testing import running
 
 SAMPLE = Resource(
     name="hello-world",
