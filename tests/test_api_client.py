@@ -18,8 +18,7 @@ from typing import Any, cast
 import pytest
 import pytest_asyncio
 from _conveyor_api_server import SWAGGER_FILE, ConveyorAPIServer
-from _helpers import wait_until
-from apps.harness import run_cli
+from _helpers import run_in_process, wait_until
 
 from conveyor_driver.api import (
     APIUnavailable,
@@ -566,7 +565,7 @@ async def test_cli_logs_prints_a_runs_lines_until_the_stream_ends(
 ) -> None:
     server.logs.append(log_line("cloning"))
     command = asyncio.create_task(
-        run_cli("logs", "run-1", "--driver", "build", "--api-url", server.url + "/")
+        run_in_process("logs", "run-1", "--driver", "build", "--api-url", server.url + "/")
     )
     await wait_until(lambda: server.streams_open == 1, what="the CLI's stream")
     server.publish(log_line("built"))
@@ -582,7 +581,7 @@ async def test_cli_logs_prints_a_runs_lines_until_the_stream_ends(
 
 async def test_cli_logs_fails_with_one_line() -> None:
     port = free_port()
-    done = await run_cli("logs", "run-1", "--api-url", f"http://127.0.0.1:{port}")
+    done = await run_in_process("logs", "run-1", "--api-url", f"http://127.0.0.1:{port}")
     assert (done.returncode, done.stdout) == (1, "")
     assert len(done.stderr_lines) == 1
     assert done.stderr_lines[0].startswith(

@@ -21,7 +21,8 @@ from typing import Any
 import pytest
 from _certs import CLIENT_AUTH, SERVER_AUTH, Issued, make_ca, make_leaf, new_key, write_pem
 from _conveyor_api_server import ConveyorAPIServer
-from apps.harness import app, run_cli
+from _helpers import run_in_process
+from apps.harness import app
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import Encoding
 
@@ -436,7 +437,7 @@ async def test_cli_run_prints_one_line_without_key_material(tmp_path: Path, root
     files = make_leaf(root, "driver").write(tmp_path, "driver")
     other_leaf = make_leaf(root, "other")
     other = other_leaf.write(tmp_path, "other")
-    done = await run_cli(
+    done = await run_in_process(
         "run",
         app("worker_app.py:driver"),
         "--nats-url",

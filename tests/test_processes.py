@@ -18,6 +18,8 @@ from conveyor_driver.embedded import EmbeddedNats
 from conveyor_driver.emit import ResultWatch, emit_event, watch_results
 from conveyor_driver.models import Resource
 
+pytestmark = pytest.mark.process
+
 PATIENT = app("worker_app.py:driver")  # grace_period 30 s
 IMPATIENT = app("worker_app.py:impatient")  # grace_period 0.5 s, same consumer
 SLOW = {"sleep": 5}

@@ -498,6 +498,7 @@ async def test_driver_keeps_consuming_after_a_nats_restart(
     assert seen == [before, after]
 
 
+@pytest.mark.nats
 async def test_missing_stream_is_one_clear_line() -> None:
     driver = Driver("orphan")
 

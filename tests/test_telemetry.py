@@ -509,6 +509,7 @@ def env_without_otel(**extra: str) -> dict[str, str]:
     return env
 
 
+@pytest.mark.process
 async def test_without_the_sdk_runs_work_and_the_result_passes_the_context_on(
     nats_server: EmbeddedNats, nats_client: Client
 ) -> None:
@@ -619,6 +620,7 @@ async def otlp_receiver() -> AsyncIterator[tuple[OtlpReceiver, str]]:
         await runner.cleanup()
 
 
+@pytest.mark.process
 async def test_run_exports_traces_and_metrics_over_otlp_when_otel_env_asks(
     nats_server: EmbeddedNats, nats_client: Client
 ) -> None:
