@@ -1,10 +1,12 @@
-"""The consumer when JetStream says no, against a real nats-server: its consumer deleted
-under it, a refused pull, a consumer that cannot be created again, and result publishes
-that find no stream or no answer. The driver says what happened and carries on."""
+"""The consumer when JetStream says no, against a real nats-server: a consumer the server
+will not create, its consumer deleted under it, a refused pull, a consumer that cannot be
+created again, and result publishes that find no stream, no answer or a size limit. The
+driver says what happened and carries on (or, at start-up, stops with one line)."""
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
 import orjson
@@ -12,12 +14,13 @@ import pytest
 from _helpers import raw_results, resource_json, send, settled, stream_messages, wait_until
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js.api import ConsumerInfo
+from nats.js.api import ConsumerConfig, ConsumerInfo
 from nats.js.errors import NotFoundError
 
-from conveyor_driver import Context, Driver, Result
+from conveyor_driver import Context, Driver, Result, Settings
 from conveyor_driver import protocol as p
 from conveyor_driver.embedded import EmbeddedNats
+from conveyor_driver.errors import ConsumerSetupError
 from conveyor_driver.testing import running
 
 
@@ -127,6 +130,41 @@ async def test_a_driver_whose_stream_comes_back_consumes_again(
         run_id = await send(nats_client, resource_json())
         await results.wait(run_id)
     assert calls == [run_id]
+
+
+async def _serve_against_a_push_consumer(url: str, nc: Client) -> tuple[str, float]:
+    """Serve a driver whose durable name a push consumer already holds: the one-line
+    start-up error, and how long it took to come."""
+    driver, calls = builder("clash")
+    await nc.jetstream().add_consumer(
+        p.MESSAGES_STREAM, ConsumerConfig(durable_name="clash", deliver_subject="elsewhere")
+    )
+    started = time.monotonic()
+    with pytest.raises(ConsumerSetupError) as refused:
+        await driver.serve(Settings(nats_urls=url, startup_timeout=3))
+    assert calls == []
+    return str(refused.value), time.monotonic() - started
+
+
+async def test_a_consumer_the_server_will_not_create_is_one_line_naming_its_reason(
+    nats_server: EmbeddedNats, nats_client: Client
+) -> None:
+    message, _ = await _serve_against_a_push_consumer(nats_server.url, nats_client)
+    assert message.startswith("cannot create consumer 'clash' on stream 'messages': ")
+    assert "can not update push consumer to pull based" in message
+
+
+@pytest.mark.xfail(
+    reason="the server refuses with code 500, which start-up takes for weather: it waits "
+    "out --startup-timeout and says JetStream 'did not answer' (runtime/startup.py classify)",
+    strict=False,
+)
+async def test_a_consumer_the_server_will_not_create_is_refused_at_once(
+    nats_server: EmbeddedNats, nats_client: Client
+) -> None:
+    message, took = await _serve_against_a_push_consumer(nats_server.url, nats_client)
+    assert took < 2
+    assert "did not answer" not in message
 
 
 # --- result publishes --------------------------------------------------------------------
