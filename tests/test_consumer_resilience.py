@@ -125,7 +125,7 @@ async def test_a_driver_whose_stream_comes_back_consumes_again(
         await logged.wait("consumer was deleted and could not be recreated")
         await js.add_stream(p.server_streams()[0])
         await wait_until(
-            lambda: _has_consumer(nats_client, "returning"), timeout=5, what="the consumer back"
+            lambda: _has_consumer(nats_client, "returning"), timeout=3, what="the consumer back"
         )
         run_id = await send(nats_client, resource_json())
         await results.wait(run_id)
@@ -141,7 +141,7 @@ async def _serve_against_a_push_consumer(url: str, nc: Client) -> tuple[str, flo
     )
     started = time.monotonic()
     with pytest.raises(ConsumerSetupError) as refused:
-        await driver.serve(Settings(nats_urls=url, startup_timeout=3))
+        await driver.serve(Settings(nats_urls=url, startup_timeout=2))
     assert calls == []
     return str(refused.value), time.monotonic() - started
 
@@ -163,7 +163,7 @@ async def test_a_consumer_the_server_will_not_create_is_refused_at_once(
     nats_server: EmbeddedNats, nats_client: Client
 ) -> None:
     message, took = await _serve_against_a_push_consumer(nats_server.url, nats_client)
-    assert took < 2
+    assert took < 1
     assert "did not answer" not in message
 
 
