@@ -411,7 +411,7 @@ class Settings:
     #: How long start-up waits for NATS and JetStream (an election, a restart) before it
     #: gives up with one line; a configuration error ends it at once.
     startup_timeout: float = attrs.field(default=60.0, validator=validation.number(float, above=0))
-    #: The driver's identity on a secured Conveyor (PROTOCOL.md section 6): a PEM
+    #: The driver's identity on a secured Conveyor (``docs/protocol.md#authentication``): a PEM
     #: certificate chain (leaf first), its private key, and the operator's CA.
     tls_cert: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
     tls_key: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))

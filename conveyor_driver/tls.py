@@ -1,11 +1,11 @@
 """The driver's X.509 identity: one certificate chain, its key and the operator's CA.
 
-A Conveyor server with authentication on (PROTOCOL.md section 6) checks the same identity
-twice: NATS verifies the client certificate in the TLS handshake, and the API server
-verifies a JWT signed with the certificate's key. Both are loaded and checked here once, at
-start-up, so that a wrong file is a one-line error before anything connects rather than a
-handshake failure later. What the NATS connection does with the identity (insisting on
-TLS, explaining a failed handshake) is :mod:`conveyor_driver.runtime.connection`'s job.
+A Conveyor server with authentication on (``docs/protocol.md#authentication``) checks the
+same identity twice: NATS verifies the client certificate in the TLS handshake, and the API
+server verifies a JWT signed with the certificate's key. Both are loaded and checked here
+once, at start-up, so that a wrong file is a one-line error before anything connects rather
+than a handshake failure later. What the NATS connection does with the identity (insisting
+on TLS, explaining a failed handshake) is :mod:`conveyor_driver.runtime.connection`'s job.
 
 Error messages name files and certificate subjects, never their contents: a key's PEM must
 not end up in a terminal, a log aggregator or a CI transcript.

@@ -13,7 +13,8 @@ redeliveries):
 
 A message that is delivered for the first time has no record, and the happy path never
 reads or writes one: the ledger costs nothing until something goes wrong. Records expire
-with the bucket's TTL, long after JetStream has given up on their message.
+with the bucket's TTL, long after JetStream has given up on their message. The bucket, its
+keys and its values are described in ``docs/protocol.md#the-run-ledger``.
 """
 
 from __future__ import annotations
