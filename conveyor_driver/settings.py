@@ -3,13 +3,13 @@
 The :class:`~conveyor_driver.Driver` says *what* the driver does and how hard it works
 (concurrency, attempts); ``Settings`` says *where* it runs, which differs per deployment.
 
-Why one table: ``driver.run()`` and ``conveyor-driver run`` used to read the environment
-each in their own way, and drifted (variables one of them ignored, values one refused and
-the other took). Now :data:`VARIABLES` names every variable once, with its field, its parser
-and its command-line option; :meth:`Settings.from_env` is the only reader, the CLI passes it
-the options given on its command line as overrides, and the validators on the settings
-classes are the only rules. An invalid value is one :class:`ConfigurationError` line naming
-the variable or the option it came from.
+Why one table: ``driver.run()`` and ``conveyor-driver run`` must start the same driver from
+the same environment, and two readers drift apart (a variable one of them ignores, a value
+one refuses and the other takes). So :data:`VARIABLES` names every variable once, with its
+field, its parser and its command-line option; :meth:`Settings.from_env` is the only
+reader, the CLI passes it the options given on its command line as overrides, and the
+validators on the settings classes are the only rules. An invalid value is one
+:class:`ConfigurationError` line naming the variable or the option it came from.
 """
 
 from __future__ import annotations
