@@ -60,6 +60,7 @@ _RUN = (
     "http_port",
     "http_host",
     "startup_timeout",
+    "block_threshold",
     *_LOKI,
     *_TLS,
 )

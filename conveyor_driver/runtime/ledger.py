@@ -32,6 +32,8 @@ from structlog.typing import FilteringBoundLogger
 from .. import protocol
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from nats.js.client import JetStreamContext
     from nats.js.kv import KeyValue
 
@@ -131,7 +133,9 @@ class RunLedger:
             return RunRecord(run_id), entry.revision or 0
         return record, entry.revision or 0
 
-    async def _change(self, sequence: int, run_id: str, change: _Change) -> None:
+    async def _change(
+        self, sequence: int, run_id: str, change: Callable[[RunRecord], RunRecord]
+    ) -> None:
         """Compare-and-set, retried on conflicts and weather for a bounded time."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + _WRITE_PATIENCE
@@ -144,22 +148,19 @@ class RunLedger:
                     await self._kv.update(str(sequence), value, last=revision)
                 else:
                     await self._kv.create(str(sequence), value)
-                return
-            except KeyWrongLastSequenceError:
-                continue
+            except KeyWrongLastSequenceError as exc:
+                conflict: Exception = exc  # another instance wrote first: read again
             except (NatsError, TimeoutError) as exc:
-                if loop.time() > deadline:
-                    self._log.warning(
-                        "run ledger not written: this delivery may count as an attempt",
-                        sequence=sequence,
-                        error=str(exc) or "timeout",
-                    )
-                    return
+                conflict = exc
+            else:
+                return
+            if loop.time() > deadline:
+                self._log.warning(
+                    "run ledger not written: this delivery may count as an attempt",
+                    sequence=sequence,
+                    error=str(conflict) or "timeout",
+                )
+                return
+            if not isinstance(conflict, KeyWrongLastSequenceError):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
-
-
-if TYPE_CHECKING:
-    from collections.abc import Callable
-
-    _Change = Callable[[RunRecord], RunRecord]

@@ -32,6 +32,7 @@ from .hooks import call_hook
 from .ledger import RunLedger
 from .probes import DriverState, start_probes
 from .startup import until_ready
+from .watchdog import LoopWatchdog
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -65,7 +66,7 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
     log = build_logger(level=settings.log_level, fmt=settings.log_format, sinks=sinks).bind(
         driver=driver.name
     )
-    state = DriverState()
+    state = DriverState(blocked_after=driver.ack_wait / 2)
     async with contextlib.AsyncExitStack() as stack:
         if settings.http_port is not None:
             runner = await start_probes(state, settings.http_port, settings.http_host)
@@ -133,6 +134,15 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
         _install_signal_handlers(stop)
         await consumer.start()
         state.consumer = consumer
+        watchdog = LoopWatchdog(
+            asyncio.get_running_loop(),
+            log,
+            threshold=settings.block_threshold,
+            describe=consumer.describe,
+        )
+        watchdog.start()
+        stack.callback(watchdog.stop)
+        state.watchdog = watchdog
         log.info(
             "driver started",
             subjects=driver.subjects,
