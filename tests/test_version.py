@@ -11,6 +11,7 @@ import tomllib
 from importlib.metadata import version
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 import conveyor_driver
@@ -47,6 +48,7 @@ def test_the_cli_prints_the_version() -> None:
     assert result.output.strip().endswith(f"version {__version__}")
 
 
+@pytest.mark.process
 def test_the_installed_command_prints_the_version() -> None:
     done = subprocess.run(
         [Path(sys.executable).parent / "conveyor-driver", "--version"],
