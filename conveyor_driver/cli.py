@@ -61,6 +61,7 @@ _RUN = (
     "http_host",
     "startup_timeout",
     "block_threshold",
+    "timeout",
     *_LOKI,
     *_TLS,
 )

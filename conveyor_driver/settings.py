@@ -193,6 +193,15 @@ VARIABLES: tuple[Variable, ...] = (
         metavar="SECONDS",
     ),
     Variable(
+        "CONVEYOR_TIMEOUT",
+        "timeout",
+        "--timeout",
+        decimal,
+        "Seconds one attempt of a handler may take, unless its own timeout= says otherwise "
+        "(default: the Driver's timeout, none unless set).",
+        metavar="SECONDS",
+    ),
+    Variable(
         "CONVEYOR_BLOCK_THRESHOLD",
         "block_threshold",
         "--block-threshold",
@@ -420,6 +429,8 @@ class Settings:
     #: How long start-up waits for NATS and JetStream (an election, a restart) before it
     #: gives up with one line; a configuration error ends it at once.
     startup_timeout: float = attrs.field(default=60.0, validator=validation.number(float, above=0))
+    #: The default deadline of one attempt, in place of the Driver's (a handler's own wins).
+    timeout: float | None = attrs.field(default=None, validator=validation.number(float, above=0))
     #: A loop that does not turn for this long is reported with the stack holding it.
     block_threshold: float = attrs.field(default=1.0, validator=validation.number(float, above=0))
     #: The driver's identity on a secured Conveyor (``docs/protocol.md#authentication``): a PEM

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 import signal
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from .. import protocol
@@ -27,7 +26,7 @@ from ..telemetry import Telemetry
 from ..tls import load_tls
 from .connection import connect
 from .consumer import Consumer, ensure_consumer, ensuring_what
-from .dispatcher import Services
+from .dispatcher import HandlerThreads, Services
 from .hooks import call_hook
 from .ledger import RunLedger
 from .probes import DriverState, start_probes
@@ -114,13 +113,15 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
         state.nc = nc
         api = ConveyorClient.from_settings(settings, tls, log=log)
         stack.push_async_callback(api.close)
-        executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=driver.name)
+        executor = HandlerThreads(max_workers=concurrency, thread_name_prefix=driver.name)
         stack.callback(executor.shutdown, wait=False, cancel_futures=True)
 
         consumer = Consumer(
             nc,
             driver,
-            Services(log=log, api=api, executor=executor, telemetry=telemetry),
+            Services(
+                log=log, api=api, executor=executor, telemetry=telemetry, timeout=settings.timeout
+            ),
             concurrency=concurrency,
             log=log,
             ledger=ledger,
