@@ -10,6 +10,7 @@ async def build(ctx: Context) -> Result:
     return Result.ok("built")
 """
 
+from ._version import __version__
 from .app import Driver
 from .context import Context
 from .errors import ConfigurationError, ConveyorDriverError
@@ -27,4 +28,5 @@ __all__ = [
     "Result",
     "Retry",
     "Settings",
+    "__version__",
 ]

@@ -23,6 +23,7 @@ import orjson
 from click.core import ParameterSource
 
 from . import protocol
+from ._version import __version__
 from .errors import ConfigurationError, ConveyorDriverError
 from .loader import load_driver
 from .models import converter, resource_from_json
@@ -167,7 +168,7 @@ def _run_async(coroutine: Coroutine[Any, Any, Any]) -> Any:
 
 
 @click.group()
-@click.version_option(package_name="conveyor-driver")
+@click.version_option(__version__, package_name="conveyor-driver")
 def main() -> None:
     """Write and run Conveyor CI drivers in Python."""
 

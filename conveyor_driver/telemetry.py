@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from opentelemetry import metrics, propagate, trace
@@ -20,12 +19,11 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 from structlog.typing import EventDict, WrappedLogger
 
+from ._version import __version__
+
 INSTRUMENTATION = "conveyor_driver"
 
-try:
-    _VERSION = version("conveyor-driver")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree
-    _VERSION = "0"
+_VERSION = __version__
 
 
 #: A build takes from milliseconds (a no-op step) to an hour.

@@ -1,4 +1,4 @@
-"""The async client of the Conveyor API server (PROTOCOL.md section 5), ``ctx.api``.
+"""The async client of the Conveyor API server (``docs/protocol.md#the-api-server``), ``ctx.api``.
 
 One ``aiohttp.ClientSession`` per client, opened on first use and closed by the runtime on
 shutdown: handlers share its connection pool instead of opening their own. Every request
