@@ -31,6 +31,7 @@ from .consumer import Consumer, ensure_consumer, ensuring_what
 from .dispatcher import Services
 from .ledger import RunLedger
 from .probes import DriverState, start_probes
+from .publisher import Publisher
 from .startup import until_ready
 
 if TYPE_CHECKING:
@@ -110,6 +111,7 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
             log=log,
         )
         ledger = await _open_ledger(nc, driver, deadline, log)
+        publisher = Publisher(nc)
         state.nc = nc
         api = ConveyorClient.from_settings(settings, tls, log=log)
         stack.push_async_callback(api.close)
@@ -123,15 +125,20 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
             concurrency=concurrency,
             log=log,
             ledger=ledger,
+            publisher=publisher,
         )
-        sink.start(nc)
-        stack.push_async_callback(sink.close)
-        for hook in driver.startup_hooks:
-            await call_hook(hook)
-
-        stop = asyncio.Event()
-        _install_signal_handlers(stop)
-        await consumer.start()
+        # The sink is closed once: here if start-up fails, else after the shutdown hooks
+        # (their lines are shipped) and before "driver stopped" (which counts them).
+        sink.start(publisher)
+        try:
+            for hook in driver.startup_hooks:
+                await call_hook(hook)
+            stop = asyncio.Event()
+            _install_signal_handlers(stop)
+            await consumer.start()
+        except BaseException:
+            await sink.close()
+            raise
         state.consumer = consumer
         log.info(
             "driver started",
@@ -143,15 +150,19 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
             await stop.wait()
             log.info("shutting down")
         finally:
-            state.stopping = True
-            _remove_signal_handlers()
-            await consumer.stop(driver.grace_period)
-            for hook in driver.shutdown_hooks:
-                try:
-                    await call_hook(hook)
-                except Exception:
-                    log.exception("shutdown hook failed", hook=getattr(hook, "__qualname__", hook))
-            await sink.close()
+            try:
+                state.stopping = True
+                _remove_signal_handlers()
+                await consumer.stop(driver.grace_period)
+                for hook in driver.shutdown_hooks:
+                    try:
+                        await call_hook(hook)
+                    except Exception:
+                        log.exception(
+                            "shutdown hook failed", hook=getattr(hook, "__qualname__", hook)
+                        )
+            finally:
+                await sink.close()
             log.info("driver stopped", handled=consumer.handled, log_lines_sent=sink.sent)
 
 
