@@ -127,7 +127,12 @@ class _UtcTimestamper:
 
 
 def render_message(event_dict: Mapping[str, Any]) -> str:
-    """The event text followed by its own ``key=value`` pairs (the run's keys left out)."""
+    """The event text followed by its own ``key=value`` pairs (the run's keys left out).
+
+    This is the text of a NATS ``Log`` entry, a line for people in Conveyor's log view, not
+    a logfmt record for a parser: values are written as they are, unquoted
+    (``command=sh -c make``), where the console and Loki quote with :func:`logfmt_value`.
+    """
     parts = [str(event_dict.get("event", ""))]
     level = event_dict.get("level")
     if level not in (None, "info"):

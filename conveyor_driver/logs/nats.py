@@ -19,8 +19,8 @@ Stored lines go out through the driver's acked publisher
 (:class:`~conveyor_driver.runtime.publisher.Publisher`), a batch at a time, pipelined; its
 answers are judged the publisher's way. Weather (no connection, no acknowledgement in
 time, no responders while JetStream elects a leader, a 5xx from the stream) leaves the
-entries queued, and they are tried again, with a capped backoff, until they are stored or
-the sink closes. A refusal that no retry can change (a 4xx from the stream, such as a
+entries queued, and they are tried again, a second apart, until they are stored or the
+sink closes. A refusal that no retry can change (a 4xx from the stream, such as a
 message above its ``max_msg_size``, or an entry the client cannot send) drops that entry
 alone: it is counted as dropped and warned about once per kind on the console logger,
 never through the chain this sink is a part of, and the entries behind it go on.
