@@ -203,7 +203,8 @@ class Publisher:
         The client library checks the body alone; the server counts headers and body
         together and closes the connection of a client that sends more.
         """
-        if len(body) > self.room(headers):
+        limit = self.nc.max_payload
+        if len(body) > limit or (headers and len(body) + headers_size(headers) > limit):
             raise MaxPayloadError
 
     async def publish(
@@ -302,7 +303,8 @@ class AckBatch:
         if not publisher._prefix:
             await publisher.start()
         publisher.check_size(body, headers)
-        reply = publisher._reply()
+        publisher._sent += 1
+        reply = f"{publisher._prefix}{publisher._sent}"
         self._pending[reply] = len(self._answers)
         self._answers.append(None)
         publisher._waiting[reply] = self
@@ -333,6 +335,7 @@ class AckBatch:
 
     def _answered(self, msg: Msg) -> None:
         index = self._pending.pop(msg.subject)
-        self._answers[index] = answer_error(msg)
+        if not msg.data.startswith(_PUBACK_START):  # a PubAck leaves its None in place
+            self._answers[index] = answer_error(msg)
         if not self._pending and self._all is not None and not self._all.done():
             self._all.set_result(None)
