@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from nats.aio.msg import Msg
 
 from conveyor_driver import Context, Driver, Fail, Resource, Result
 from conveyor_driver._reaper import REAPER, Reaper
-from conveyor_driver.commands import CAPTURE_LIMIT
+from conveyor_driver.commands import CAPTURE_LIMIT, run_command
 from conveyor_driver.embedded import EmbeddedNats
 from conveyor_driver.emit import emit_event, watch_results
 from conveyor_driver.testing import FakeContext
@@ -162,12 +163,13 @@ async def test_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
     result = await ctx.run(f"sleep 300 & echo $! > {child}; echo waiting; wait", timeout=2.0)
 
     assert result.timed_out and not result.ok
-    assert result.exit_code == -signal.SIGKILL
+    # SIGTERM first: a build tool gets its chance to clean up (SIGKILL follows if need be).
+    assert result.exit_code == -signal.SIGTERM
     assert streamed(ctx, "stdout") == ["waiting"]
     await wait_dead(await read_pid(child))
     last = ctx.logs[-1]
     assert (last["event"], last["level"], last["timeout"]) == (
-        "command timed out; process group killed",
+        "command timed out; process group stopped",
         "warning",
         2.0,
     )
@@ -180,7 +182,7 @@ async def test_timeout_with_check_raises_fail() -> None:
             [sys.executable, "-c", "import time; time.sleep(300)"], timeout=0.5, check=True
         )
     assert failure.value.message == "command timed out after 0.5s"
-    assert failure.value.data == {"exit_code": -signal.SIGKILL, "stderr": ""}
+    assert failure.value.data == {"exit_code": -signal.SIGTERM, "stderr": ""}
 
 
 async def test_cancelling_the_handler_kills_the_process_group(tmp_path: Path) -> None:
@@ -352,3 +354,19 @@ async def test_ctx_run_through_the_runtime_streams_to_nats(
     assert sorted(messages[1:3]) == ["built stream=stdout", "careful stream=stderr"]
     assert messages[3].startswith("command finished exit_code=2 duration=")
     assert messages[4] == "run succeeded result=ran"
+
+
+async def test_a_command_ignoring_sigterm_is_killed_after_the_grace(tmp_path: Path) -> None:
+    ctx = fake()
+    child = tmp_path / "child.pid"
+    started = time.monotonic()
+    result = await run_command(
+        ctx.log,
+        f"trap '' TERM; sleep 300 & echo $! > {child}; wait; wait",
+        timeout=0.5,
+        kill_grace=1.0,
+    )
+    assert result.timed_out
+    assert result.exit_code == -signal.SIGKILL
+    assert 1.4 < time.monotonic() - started < 20
+    await wait_dead(await read_pid(child))

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 import signal
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from .. import protocol
@@ -28,11 +27,12 @@ from ..telemetry import Telemetry
 from ..tls import load_tls
 from .connection import connect
 from .consumer import Consumer, ensure_consumer, ensuring_what
-from .dispatcher import Services
+from .dispatcher import HandlerThreads, Services
 from .ledger import RunLedger
 from .probes import DriverState, start_probes
 from .publisher import Publisher
 from .startup import until_ready
+from .watchdog import LoopWatchdog
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -66,7 +66,7 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
     log = build_logger(level=settings.log_level, fmt=settings.log_format, sinks=sinks).bind(
         driver=driver.name
     )
-    state = DriverState()
+    state = DriverState(blocked_after=driver.ack_wait / 2)
     async with contextlib.AsyncExitStack() as stack:
         if settings.http_port is not None:
             runner = await start_probes(state, settings.http_port, settings.http_host)
@@ -115,13 +115,15 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
         state.nc = nc
         api = ConveyorClient.from_settings(settings, tls, log=log)
         stack.push_async_callback(api.close)
-        executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=driver.name)
+        executor = HandlerThreads(max_workers=concurrency, thread_name_prefix=driver.name)
         stack.callback(executor.shutdown, wait=False, cancel_futures=True)
 
         consumer = Consumer(
             nc,
             driver,
-            Services(log=log, api=api, executor=executor, telemetry=telemetry),
+            Services(
+                log=log, api=api, executor=executor, telemetry=telemetry, timeout=settings.timeout
+            ),
             concurrency=concurrency,
             log=log,
             ledger=ledger,
@@ -140,6 +142,15 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
             await sink.close()
             raise
         state.consumer = consumer
+        watchdog = LoopWatchdog(
+            asyncio.get_running_loop(),
+            log,
+            threshold=settings.block_threshold,
+            describe=consumer.describe,
+        )
+        watchdog.start()
+        stack.callback(watchdog.stop)
+        state.watchdog = watchdog
         log.info(
             "driver started",
             subjects=driver.subjects,
