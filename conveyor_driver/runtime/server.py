@@ -138,19 +138,19 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
             stop = asyncio.Event()
             _install_signal_handlers(stop)
             await consumer.start()
+            state.consumer = consumer
+            watchdog = LoopWatchdog(
+                asyncio.get_running_loop(),
+                log,
+                threshold=settings.block_threshold,
+                describe=consumer.describe,
+            )
+            watchdog.start()
+            stack.callback(watchdog.stop)
+            state.watchdog = watchdog
         except BaseException:
             await sink.close()
             raise
-        state.consumer = consumer
-        watchdog = LoopWatchdog(
-            asyncio.get_running_loop(),
-            log,
-            threshold=settings.block_threshold,
-            describe=consumer.describe,
-        )
-        watchdog.start()
-        stack.callback(watchdog.stop)
-        state.watchdog = watchdog
         log.info(
             "driver started",
             subjects=driver.subjects,
