@@ -40,7 +40,9 @@ class SinkStats(Protocol):
 class LogSink(Protocol):
     """A structlog processor that ships lines in the background."""
 
-    def __call__(self, logger: WrappedLogger, method: str, event_dict: EventDict) -> EventDict: ...
+    def __call__(
+        self, logger: WrappedLogger, method: str, event_dict: EventDict, /
+    ) -> EventDict: ...
 
     def start(self, publisher: Publisher) -> None:
         """Begin shipping on the running loop; lines logged before wait in the queue.

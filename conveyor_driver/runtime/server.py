@@ -36,9 +36,10 @@ from .watchdog import LoopWatchdog
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
-    from structlog.typing import FilteringBoundLogger, Processor
+    from structlog.typing import FilteringBoundLogger
 
     from ..app import Driver
+    from ..logs.sink import LogSink
 
 
 async def serve(driver: Driver, settings: Settings | None = None) -> None:
@@ -53,7 +54,7 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
     # The sinks report their own trouble here, outside the chain they feed.
     console = build_logger(level=settings.log_level, fmt=settings.log_format)
     sink = NatsLogSink(driver.name, on_lines=telemetry.line_counter("nats"), console=console)
-    sinks: list[Processor] = [sink]
+    sinks: list[LogSink] = [sink]
     loki: LokiSink | None = None
     if settings.loki is not None:
         loki = LokiSink(
