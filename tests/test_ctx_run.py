@@ -87,6 +87,7 @@ async def test_shell_string_streams_each_line_with_its_stream_and_returns_the_ex
     assert all(entry["level"] == "info" for entry in ctx.logs)
 
 
+@pytest.mark.process
 async def test_argv_list_is_not_split_by_a_shell_and_order_is_kept_per_stream() -> None:
     ctx = fake()
     script = (
@@ -112,6 +113,7 @@ async def test_a_last_line_without_newline_is_still_logged() -> None:
     assert result.stdout == "first\nlast\n"
 
 
+@pytest.mark.process
 async def test_captured_output_keeps_only_the_tail_but_every_line_is_logged() -> None:
     ctx = fake()
     count = 20_000
@@ -132,6 +134,7 @@ async def test_captured_output_keeps_only_the_tail_but_every_line_is_logged() ->
     assert streamed(ctx, "stdout") == lines
 
 
+@pytest.mark.process
 async def test_a_line_longer_than_the_reader_limit_is_split_without_losing_text() -> None:
     ctx = fake()
     script = "import sys; sys.stdout.write('x' * 200_000 + '\\nafter\\n' + 'y' * 70_000 + '\\n')"
@@ -175,6 +178,7 @@ async def test_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.process
 async def test_timeout_with_check_raises_fail() -> None:
     ctx = fake()
     with pytest.raises(Fail) as failure:
@@ -208,6 +212,7 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
+@pytest.mark.process
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the reaper is Linux-only")
 async def test_a_sigkilled_driver_takes_the_commands_process_group_with_it(
     nats_server: EmbeddedNats, nats_client: Client, tmp_path: Path
@@ -312,6 +317,7 @@ async def test_env_is_added_to_the_environment_and_path_is_kept() -> None:
     assert result.stdout == f"v 1\n{os.environ['PATH']}\n"
 
 
+@pytest.mark.process
 async def test_cwd_is_honoured(tmp_path: Path) -> None:
     ctx = fake()
     workdir = tmp_path / "work"

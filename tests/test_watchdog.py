@@ -8,6 +8,7 @@ import contextlib
 import time
 
 import aiohttp
+import pytest
 from apps.harness import app, driver_process
 from nats.aio.client import Client
 
@@ -25,6 +26,7 @@ async def _healthz(session: aiohttp.ClientSession, port: int) -> tuple[int, str]
         return response.status, (await response.json())["status"]
 
 
+@pytest.mark.process
 async def test_a_blocked_loop_is_named_and_healthz_fails_while_it_lasts(
     nats_server: EmbeddedNats, nats_client: Client
 ) -> None:

@@ -159,6 +159,7 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
             nats=", ".join(urls),
         )
         try:
+            _raise_if_cancelled()
             await stop.wait()
             log.info("shutting down")
         finally:
@@ -198,6 +199,18 @@ async def _open_ledger(
             error=str(exc),
         )
         return None
+
+
+def _raise_if_cancelled() -> None:
+    """Honour a cancellation that arrived during start-up and was lost on the way.
+
+    On Python 3.11, ``asyncio.wait_for`` (which nats-py uses for every request) drops a
+    cancellation that lands as its answer arrives; the task's cancel count still shows it.
+    Without this, a serve task cancelled in that instant would serve on forever.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 async def _close(nc: object) -> None:
