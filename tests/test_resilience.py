@@ -380,10 +380,10 @@ async def test_a_cancellation_lost_during_start_up_still_stops_the_driver(
 ) -> None:
     """Python 3.11's ``asyncio.wait_for`` (under every nats-py request) can drop a
     cancellation that lands as the answer arrives; serving on forever is not an option."""
-    from conveyor_driver.runtime import server as server_module
+    from conveyor_driver.runtime import ledger as ledger_module
 
     opening = asyncio.Event()
-    real_open = server_module.RunLedger.open
+    real_open = ledger_module.RunLedger.open
 
     async def open_dropping_a_cancel(*args: Any, **kwargs: Any) -> Any:
         opening.set()
@@ -391,7 +391,7 @@ async def test_a_cancellation_lost_during_start_up_still_stops_the_driver(
             await asyncio.sleep(30)
         return await real_open(*args, **kwargs)
 
-    monkeypatch.setattr(server_module.RunLedger, "open", open_dropping_a_cancel)
+    monkeypatch.setattr(ledger_module.RunLedger, "open", open_dropping_a_cancel)
     driver = Driver("cancelled-early")
 
     @driver.on("pipeline")

@@ -15,6 +15,7 @@ import attrs
 import orjson
 from nats.errors import Error as NatsError
 from nats.errors import MaxPayloadError
+from nats.js.errors import APIError
 
 from .. import protocol
 from ..models import DriverMessage, encode_result
@@ -31,6 +32,9 @@ if TYPE_CHECKING:
 
     from .ledger import RunLedger
     from .publisher import Publisher
+
+#: JetStream's "message size exceeds maximum allowed" (above a stream's ``max_msg_size``).
+_TOO_LARGE = 10054
 
 
 class Settlement:
@@ -100,8 +104,13 @@ class Settlement:
             body = self._encode(message, Result.fail(text))
             refused = await self._store(body, headers, message.run_id)
         if refused is not None:
+            too_large = isinstance(refused, MaxPayloadError) or (
+                isinstance(refused, APIError) and refused.err_code == _TOO_LARGE
+            )
             self._log.error(
-                "result refused; the run is settled without it",
+                "result refused as too large; the run is settled without it"
+                if too_large
+                else "result refused; the run is settled without it",
                 run_id=message.run_id,
                 size=len(body),
                 error=describe(refused),
