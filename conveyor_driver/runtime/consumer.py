@@ -46,6 +46,10 @@ _PULL_EXPIRES_NS = int(PULL_EXPIRES * 1e9)
 _PULL_HEARTBEAT_NS = int(PULL_HEARTBEAT * 1e9)
 #: How long a stopping consumer waits for handed-back runs to record and nak.
 _HANDBACK_TIMEOUT = 15.0
+#: A gone consumer is created again this often at the slowest.
+_RECREATE_MAX_DELAY = 10.0
+#: The status of a pull nobody answers: the consumer (or JetStream) is not there.
+_NO_RESPONDERS = "503"
 
 
 async def ensure_consumer(nc: Client, driver: Driver) -> None:
@@ -99,6 +103,7 @@ class Consumer:
         self._inbox = ""
         self._pull_subject = protocol.pull_request_subject(protocol.MESSAGES_STREAM, driver.name)
         self._tasks: list[asyncio.Task[None]] = []
+        self._recreating: asyncio.Task[None] | None = None
         self._bounced: set[asyncio.Task[None]] = set()
         self.last_activity = time.monotonic()
         self.last_loop = time.monotonic()
@@ -251,20 +256,34 @@ class Consumer:
         description = headers.get(protocol.DESCRIPTION_HEADER, "")
         self._log.warning("pull request refused", status=status, description=description)
         self._requested = 0
-        if "deleted" in description.lower():
-            self._tasks.append(asyncio.create_task(self._recreate()))
-        else:
-            asyncio.get_running_loop().call_later(1.0, self._wake.set)
+        # "Consumer Deleted", or no responders: nothing serves pulls for this consumer.
+        gone = "deleted" in description.lower() or status == _NO_RESPONDERS
+        if gone and (self._recreating is None or self._recreating.done()):
+            self._recreating = asyncio.create_task(self._recreate())
+            self._tasks.append(self._recreating)
+        asyncio.get_running_loop().call_later(1.0, self._wake.set)
 
     async def _recreate(self) -> None:
-        """The consumer was deleted under us: put it back rather than idle silently."""
-        try:
-            await self.ensure()
+        """The consumer is gone (deleted, or its stream with it): put it back, however long
+        that takes, rather than idle silently; the failure is said once per outage."""
+        delay = 1.0
+        told = False
+        while not self._stopping:
+            try:
+                await self.ensure()
+            except Exception as exc:
+                if not told:
+                    told = True
+                    self._log.error(
+                        "consumer was deleted and could not be recreated; trying again",
+                        error=str(exc),
+                    )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RECREATE_MAX_DELAY)
+                continue
             self._log.warning("consumer was deleted; recreated it", consumer=self._driver.name)
-        except Exception as exc:
-            self._log.error("consumer was deleted and could not be recreated", error=str(exc))
-        await asyncio.sleep(1.0)
-        self._wake.set()
+            self._wake.set()
+            return
 
     async def _handle(self, msg: Msg) -> None:
         settlement = self._settlement
