@@ -76,6 +76,7 @@ class Driver:
         grace_period: float = 30.0,
         timeout: float | None = None,
         kill_grace: float = KILL_GRACE,
+        ledger: bool = True,
     ) -> None:
         if not isinstance(name, str) or not protocol.is_subject_token(name):
             raise ConfigurationError(
@@ -99,6 +100,9 @@ class Driver:
         self.grace_period = float(grace_period)
         self.timeout = float(timeout) if timeout is not None else None
         self.kill_grace = float(kill_grace)
+        #: Keep the run ledger (docs/protocol.md#the-run-ledger); ``--no-ledger`` also
+        #: turns it off.
+        self.ledger = ledger
         self._routes: list[Route] = []
         self.startup_hooks: list[Hook] = []
         self.shutdown_hooks: list[Hook] = []

@@ -61,6 +61,8 @@ _RUN = (
     "http_host",
     "startup_timeout",
     "block_threshold",
+    "ledger",
+    "ledger_ttl",
     "timeout",
     *_LOKI,
     *_TLS,

@@ -202,6 +202,24 @@ VARIABLES: tuple[Variable, ...] = (
         metavar="SECONDS",
     ),
     Variable(
+        "CONVEYOR_LEDGER",
+        "ledger",
+        "--ledger",
+        boolean,
+        "Keep the run ledger (a finished run is never run again; one result per delivery).",
+        "on",
+        kind="switch",
+    ),
+    Variable(
+        "CONVEYOR_LEDGER_TTL",
+        "ledger_ttl",
+        "--ledger-ttl",
+        decimal,
+        "Seconds the run ledger keeps a delivery's record.",
+        "604800",
+        metavar="SECONDS",
+    ),
+    Variable(
         "CONVEYOR_BLOCK_THRESHOLD",
         "block_threshold",
         "--block-threshold",
@@ -431,6 +449,11 @@ class Settings:
     startup_timeout: float = attrs.field(default=60.0, validator=validation.number(float, above=0))
     #: The default deadline of one attempt, in place of the Driver's (a handler's own wins).
     timeout: float | None = attrs.field(default=None, validator=validation.number(float, above=0))
+    #: The run ledger (docs/protocol.md#the-run-ledger); off only with --no-ledger.
+    ledger: bool = True
+    ledger_ttl: float = attrs.field(
+        default=7 * 24 * 3600.0, validator=validation.number(float, above=0)
+    )
     #: A loop that does not turn for this long is reported with the stack holding it.
     block_threshold: float = attrs.field(default=1.0, validator=validation.number(float, above=0))
     #: The driver's identity on a secured Conveyor (``docs/protocol.md#authentication``): a PEM

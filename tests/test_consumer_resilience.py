@@ -76,6 +76,7 @@ async def test_a_consumer_deleted_under_the_driver_is_created_again_and_work_goe
 ) -> None:
     driver, calls = builder("phoenix")
     async with raw_results(nats_client) as results, running(driver, nats_server.url) as task:
+        await wait_until(lambda: _pulling(nats_client, "phoenix"), what="a pull request open")
         await nats_client.jetstream().delete_consumer(p.MESSAGES_STREAM, "phoenix")
         # JetStream answers the open pull request: that is how the driver learns of it.
         [refused] = await logged.wait("pull request refused")
@@ -251,3 +252,9 @@ async def _consumer_info(nc: Client, name: str) -> ConsumerInfo:
 
 async def _consumer_pending(nc: Client, name: str) -> int:
     return (await _consumer_info(nc, name)).num_ack_pending or 0
+
+
+async def _pulling(nc: Client, name: str) -> bool:
+    """The driver has a pull request open: JetStream will answer it if the consumer goes."""
+    info = await nc.jetstream().consumer_info(p.MESSAGES_STREAM, name)
+    return bool(info.num_waiting)

@@ -3,12 +3,25 @@ redelivery's attempt is not its delivery count."""
 
 from __future__ import annotations
 
+import dataclasses
+import signal
+from pathlib import Path
+from typing import Any
+
+import orjson
 import pytest
+from _helpers import consumer_info, resource_json, send, settled, wait_until
+from apps.harness import app, clean_env, driver_process
 from nats.aio.client import Client
 
-from conveyor_driver import protocol
+from conveyor_driver import Context, Driver, protocol
+from conveyor_driver.embedded import EmbeddedNats
+from conveyor_driver.emit import emit_event
 from conveyor_driver.logs.chain import build_logger
+from conveyor_driver.models import Resource
 from conveyor_driver.runtime.ledger import Fenced, RunLedger, RunRecord
+from conveyor_driver.runtime.settlement import Settlement
+from conveyor_driver.testing import running
 
 
 async def test_hand_backs_and_errors_are_kept_per_stream_sequence(nats_client: Client) -> None:
@@ -95,3 +108,138 @@ async def test_a_lease_renewal_learns_of_a_takeover(nats_client: Client) -> None
     await b.decide(await b.read(5, "run-2"), 5, b"{}")
     with pytest.raises(Fenced):
         await a.renew(lease, 5)
+
+
+# --- the ledger in a running driver -----------------------------------------------------
+
+LEDGERED = app("ledger_app.py:driver")  # driver "ledgered", ack_wait 2 s
+
+
+def _runs(calls: Path) -> list[str]:
+    return calls.read_text().splitlines() if calls.exists() else []
+
+
+async def _stored_results(nc: Client, run_id: str) -> int:
+    """Results of ``run_id`` the result stream holds (nothing consumes it in these tests)."""
+    js = nc.jetstream()
+    state = (await js.stream_info(protocol.PIPELINE_STREAM)).state
+    count = 0
+    for sequence in range(state.first_seq, state.last_seq + 1):
+        try:
+            msg = await js.get_msg(protocol.PIPELINE_STREAM, sequence)
+        except Exception:
+            continue  # a gap: a deleted message
+        count += orjson.loads(msg.data or b"{}").get("run_id") == run_id
+    return count
+
+
+async def _short_duplicate_window(nc: Client) -> None:
+    """The result stream forgets a Nats-Msg-Id after 1 s: a redelivery that comes later
+    must be stopped by the ledger, not by JetStream's de-duplication."""
+    js = nc.jetstream()
+    config = dataclasses.replace(protocol.server_streams()[1], duplicate_window=1.0)
+    await js.update_stream(config)
+
+
+async def test_a_lost_ack_does_not_run_a_finished_build_again(
+    nats_server: EmbeddedNats, nats_client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ack of a finished run is lost (never sent): the redelivery, later than the
+    result stream's de-duplication window, is acked without running the handler."""
+    await _short_duplicate_window(nats_client)
+    real_settle = Settlement.settle
+    lost: list[int] = []
+
+    async def settle_losing_the_first_ack(self: Settlement, msg: Any, outcome: Any) -> None:
+        if not lost:
+            lost.append(1)
+            return
+        await real_settle(self, msg, outcome)
+
+    monkeypatch.setattr(Settlement, "settle", settle_losing_the_first_ack)
+    driver = Driver("forgetful", ack_wait=2.0)
+    calls: list[str] = []
+
+    @driver.on("pipeline")
+    async def build(ctx: Context) -> str:
+        calls.append(ctx.run_id)
+        return "built"
+
+    async with running(driver, nats_server.url):
+        run_id = await send(nats_client, resource_json())
+        await wait_until(lambda: settled(nats_client, "forgetful"), what="acked at last")
+        info = await consumer_info(nats_client, "forgetful")
+
+    assert calls == [run_id]
+    assert info.num_ack_pending == 0
+    assert await _stored_results(nats_client, run_id) == 1
+    record = await RunLedger(
+        await nats_client.jetstream().key_value(protocol.ledger_bucket("forgetful")),
+        build_logger(),
+    ).summary()
+    assert record["skipped_as_duplicate"] == 1  # the ack was lost, the message came back
+
+
+@pytest.mark.process
+async def test_kill_9_after_the_result_is_stored_neither_loses_it_nor_runs_twice(
+    nats_server: EmbeddedNats, nats_client: Client, tmp_path: Path
+) -> None:
+    """The result is stored, then the process dies before its ack and before the ledger
+    says "reported": the redelivery re-publishes the recorded result under the same
+    Nats-Msg-Id (JetStream keeps one), and the handler does not run again."""
+    calls = tmp_path / "calls"
+    env = clean_env(CONVEYOR_TEST_DIE_AFTER_PUBLISH="1")
+    async with driver_process(LEDGERED, "--nats-url", nats_server.url, env=env) as doomed:
+        await doomed.started()
+        message = await emit_event(nats_client, Resource("a", "job", spec={"calls": str(calls)}))
+        assert await doomed.wait() == -signal.SIGKILL
+    async with driver_process(LEDGERED, "--nats-url", nats_server.url) as survivor:
+        await survivor.started()
+        await wait_until(lambda: settled(nats_client, "ledgered"), what="acked")
+        await wait_until(
+            lambda: _logged(survivor.records, "run already finished"), what="the replay logged"
+        )
+    assert len(_runs(calls)) == 1
+    assert await _stored_results(nats_client, message.run_id) == 1
+
+
+@pytest.mark.process
+async def test_an_instance_paused_past_ack_wait_is_fenced_and_one_result_is_stored(
+    nats_server: EmbeddedNats, nats_client: Client, tmp_path: Path
+) -> None:
+    """A is SIGSTOPped mid-run for longer than ack_wait; B takes the redelivery and
+    finishes; A, let go, finishes too, finds B's decision in the ledger and publishes
+    nothing."""
+    await _short_duplicate_window(nats_client)
+    calls = tmp_path / "calls"
+    url = ("--nats-url", nats_server.url)
+    async with driver_process(LEDGERED, *url) as a:
+        await a.started()
+        spec = {"calls": str(calls), "sleep": 4}
+        message = await emit_event(nats_client, Resource("slow", "job", spec=spec))
+        await wait_until(lambda: len(_runs(calls)) == 1, what="A started the run")
+        a.send(signal.SIGSTOP)
+        try:
+            async with driver_process(LEDGERED, *url) as b:
+                await b.started()
+                await wait_until(lambda: len(_runs(calls)) == 2, what="B took the redelivery")
+                await wait_until(
+                    lambda: _has_result(nats_client, message.run_id), what="B's result stored"
+                )
+                a.send(signal.SIGCONT)
+                await wait_until(
+                    lambda: _logged(a.records, "fenced") or _logged(a.records, "lease lost"),
+                    what="A fenced",
+                )
+                await wait_until(lambda: settled(nats_client, "ledgered"), what="acked")
+        finally:
+            a.send(signal.SIGCONT)
+    assert await _stored_results(nats_client, message.run_id) == 1
+
+
+def _logged(records: list[dict[str, Any]], start: str) -> bool:
+    return any(str(record.get("event", "")).startswith(start) for record in records)
+
+
+async def _has_result(nc: Client, run_id: str) -> bool:
+    return await _stored_results(nc, run_id) > 0

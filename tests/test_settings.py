@@ -121,6 +121,23 @@ CASES = [
         ("0", "-5", "forever"),
     ),
     Case(
+        "CONVEYOR_LEDGER",
+        "--ledger",
+        "off",
+        False,
+        lambda s: s.ledger,
+        ("maybe",),
+        option_args=("--no-ledger",),
+    ),
+    Case(
+        "CONVEYOR_LEDGER_TTL",
+        "--ledger-ttl",
+        "3600",
+        3600.0,
+        lambda s: s.ledger_ttl,
+        ("0", "week"),
+    ),
+    Case(
         "CONVEYOR_BLOCK_THRESHOLD",
         "--block-threshold",
         "0.5",

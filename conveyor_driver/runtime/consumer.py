@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from nats.aio.msg import Msg
@@ -26,8 +26,9 @@ from structlog.typing import FilteringBoundLogger
 
 from .. import protocol
 from .dispatcher import Services, process
+from .ledger import Fenced
 from .publisher import Publisher
-from .settlement import Settlement, quietly
+from .settlement import Admission, Settlement, quietly
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -104,6 +105,10 @@ class Consumer:
         self._pull_subject = protocol.pull_request_subject(protocol.MESSAGES_STREAM, driver.name)
         self._tasks: list[asyncio.Task[None]] = []
         self._recreating: asyncio.Task[None] | None = None
+        #: What the ledger knows of each running delivery (its lease), and the runs another
+        #: instance took over, which stop without being handed back.
+        self._admissions: dict[asyncio.Task[Any], Admission] = {}
+        self._fenced: set[asyncio.Task[Any]] = set()
         self._bounced: set[asyncio.Task[None]] = set()
         self.last_activity = time.monotonic()
         self.last_loop = time.monotonic()
@@ -171,6 +176,7 @@ class Consumer:
                 await asyncio.wait(unfinished, timeout=_HANDBACK_TIMEOUT)
         if self._bounced:
             await asyncio.wait(self._bounced, timeout=_HANDBACK_TIMEOUT)
+        await self._settlement.drain(_HANDBACK_TIMEOUT)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -196,6 +202,8 @@ class Consumer:
                     "pull request went silent; asking again", requested=self._requested
                 )
                 self._requested = 0
+                # A pull to a consumer that is gone gets no answer at all: look.
+                self._check_consumer()
             if not self._requested:
                 self.last_activity = now
             if not await self._pull():
@@ -257,15 +265,22 @@ class Consumer:
         self._log.warning("pull request refused", status=status, description=description)
         self._requested = 0
         # "Consumer Deleted", or no responders: nothing serves pulls for this consumer.
-        gone = "deleted" in description.lower() or status == _NO_RESPONDERS
-        if gone and (self._recreating is None or self._recreating.done()):
-            self._recreating = asyncio.create_task(self._recreate())
-            self._tasks.append(self._recreating)
+        if "deleted" in description.lower() or status == _NO_RESPONDERS:
+            self._check_consumer()
         asyncio.get_running_loop().call_later(1.0, self._wake.set)
 
+    def _check_consumer(self) -> None:
+        """Make sure the consumer exists, in the background, once at a time."""
+        if self._recreating is None or self._recreating.done():
+            self._recreating = asyncio.create_task(self._recreate())
+            self._tasks.append(self._recreating)
+
     async def _recreate(self) -> None:
-        """The consumer is gone (deleted, or its stream with it): put it back, however long
-        that takes, rather than idle silently; the failure is said once per outage."""
+        """The consumer may be gone (deleted, or its stream with it): put it back, however
+        long that takes, rather than idle silently; the failure is said once per outage."""
+        with contextlib.suppress(NatsError, TimeoutError):
+            await self._nc.jetstream().consumer_info(protocol.MESSAGES_STREAM, self._driver.name)
+            return  # still there: the silence was the network's
         delay = 1.0
         told = False
         while not self._stopping:
@@ -287,27 +302,39 @@ class Consumer:
 
     async def _handle(self, msg: Msg) -> None:
         settlement = self._settlement
+        task = asyncio.current_task()
+        assert task is not None
         try:
-            delivery, stream_sequence = await settlement.admit(msg)
-            processed = await process(self._driver, delivery, self._services)
-            await settlement.record(stream_sequence, delivery, processed)
-            await settlement.publish_result(stream_sequence, processed)
-            await settlement.settle(msg, processed.outcome)
+            admission = await settlement.admit(msg)
+            if admission.finished:
+                await settlement.replay(msg, admission)
+                return
+            self._admissions[task] = admission
+            processed = await process(self._driver, admission.delivery, self._services)
+            await settlement.record(admission, processed)
+            # The lease may have been renewed meanwhile: decide on its latest revision.
+            if await settlement.publish_result(self._admissions[task], processed):
+                await settlement.settle(msg, processed.outcome)
         except asyncio.CancelledError:
-            await settlement.hand_back(msg)
+            if task in self._fenced:
+                self._log.warning("run fenced: another instance took it over; stopped")
+            else:
+                await settlement.hand_back(msg)
         except Exception:
             self._log.exception("message could not be settled; it will be redelivered")
             await quietly(msg.nak(delay=1.0))
         finally:
             self.handled += 1
-            task = asyncio.current_task()
-            self._running.pop(task, None)  # type: ignore[arg-type]
-            self._touched.pop(task, None)  # type: ignore[arg-type]
+            self._running.pop(task, None)
+            self._touched.pop(task, None)
+            self._admissions.pop(task, None)
+            self._fenced.discard(task)
             if not await self._pull():
                 self._wake.set()
 
     async def _keep_alive(self) -> None:
-        """Tell JetStream that long runs are still alive, well inside ``ack_wait``."""
+        """Tell JetStream that long runs are still alive, well inside ``ack_wait``, and keep
+        their leases in the run ledger fresh beside it."""
         period = self._driver.ack_wait / 3
         while True:
             await asyncio.sleep(min(period / 2, 5.0))
@@ -317,3 +344,19 @@ class Consumer:
                 if msg is not None and now - touched >= period and not msg.is_acked:
                     self._touched[task] = now
                     await quietly(msg.in_progress())
+                    admission = self._admissions.get(task)
+                    if admission is not None:
+                        self._tasks.append(asyncio.create_task(self._renew(task, admission)))
+            self._tasks = [task for task in self._tasks if not task.done()]
+
+    async def _renew(self, task: asyncio.Task[Any], admission: Admission) -> None:
+        """Renew one lease; a run another instance took over is stopped, not handed back."""
+        try:
+            renewed = await self._settlement.renew(admission)
+        except Fenced as fenced:
+            self._log.warning("lease lost: another instance decided this run", reason=str(fenced))
+            self._fenced.add(task)
+            task.cancel()
+            return
+        if task in self._admissions:
+            self._admissions[task] = renewed

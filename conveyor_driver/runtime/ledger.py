@@ -47,6 +47,8 @@ if TYPE_CHECKING:
 
 #: Records outlive any redelivery JetStream would still make.
 DEFAULT_TTL = 7 * 24 * 3600.0
+#: Bytes a record adds around the result it keeps (ids, counts, a few errors).
+RECORD_OVERHEAD = 2048
 #: A ledger write is retried this long; the run goes on without it after that.
 _WRITE_PATIENCE = 10.0
 _STOPPED_MID_RUN = "the driver stopped mid-run (no outcome recorded)"
@@ -103,8 +105,13 @@ class RunRecord:
         return tuple(self.errors.get(n, _STOPPED_MID_RUN) for n in range(1, attempt))
 
     def encode(self) -> bytes:
-        body = attrs.asdict(self, filter=lambda field, value: field.name != "revision")
+        body: dict[str, object] = attrs.asdict(
+            self, filter=lambda field, value: field.name != "revision"
+        )
         body["errors"] = {str(n): text for n, text in self.errors.items()}
+        # The result goes in as JSON, not as an escaped string: a result that fits a NATS
+        # message then fits the record too, with room for the record's few other fields.
+        body["result"] = orjson.Fragment(self.result.encode()) if self.result else None
         return orjson.dumps(body)
 
     @classmethod
@@ -116,7 +123,7 @@ class RunRecord:
             handbacks=int(body.get("handbacks", 0)),
             errors=errors,
             state=str(body.get("state", "")),
-            result=str(body.get("result", "")),
+            result=orjson.dumps(body["result"]).decode() if body.get("result") else "",
             instance=str(body.get("instance", "")),
             at=float(body.get("at", 0.0)),
             duplicates=int(body.get("duplicates", 0)),
@@ -230,10 +237,18 @@ class RunLedger:
             return record
 
     async def mark_reported(self, record: RunRecord, sequence: int) -> None:
-        """The server has the result: a later redelivery is acked without re-publishing."""
-        await self._change(
-            sequence, record.run_id, lambda r: attrs.evolve(r, state=REPORTED, at=time.time())
-        )
+        """The server has the result: a later redelivery is acked without re-publishing.
+
+        One write against the revision :meth:`decide` returned; a conflict (a duplicate
+        counted meanwhile) falls back to reading first.
+        """
+        reported = attrs.evolve(record, state=REPORTED, at=time.time())
+        try:
+            await self._write(sequence, reported, record.revision)
+        except (NatsError, TimeoutError):
+            await self._change(
+                sequence, record.run_id, lambda r: attrs.evolve(r, state=REPORTED, at=time.time())
+            )
 
     async def note_duplicate(self, sequence: int, run_id: str) -> None:
         """A redelivery of a finished run was acked without running (counted for status)."""

@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import socket
 from typing import TYPE_CHECKING
 
 from .. import protocol
 from ..api import ConveyorClient
-from ..errors import ConveyorDriverError
+from ..errors import ConsumerSetupError, ConveyorDriverError
 from ..logs.chain import build_logger
 from ..logs.loki import LokiSink
 from ..logs.nats import NatsLogSink
@@ -111,7 +113,7 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
             deadline=deadline,
             log=log,
         )
-        ledger = await _open_ledger(nc, driver, deadline, log)
+        ledger = await _open_ledger(nc, driver, settings, deadline, log)
         publisher = Publisher(nc)
         state.nc = nc
         api = ConveyorClient.from_settings(settings, tls, log=log)
@@ -180,25 +182,29 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
 
 
 async def _open_ledger(
-    nc: Client, driver: Driver, deadline: float, log: FilteringBoundLogger
+    nc: Client, driver: Driver, settings: Settings, deadline: float, log: FilteringBoundLogger
 ) -> RunLedger | None:
-    """The run ledger, or None (said loudly) where JetStream will not keep one."""
+    """The run ledger, unless this driver or its operator turned it off.
+
+    JetStream refusing the bucket is a configuration matter (account limits, say), said in
+    one line with the way out, rather than a driver that silently loses its guarantees.
+    """
+    if not (driver.ledger and settings.ledger):
+        log.info("run ledger off: a late redelivery may run a finished build again")
+        return None
     js = nc.jetstream()
+    bucket = protocol.ledger_bucket(driver.name)
+    instance = f"{socket.gethostname()}:{os.getpid()}"
     try:
         return await until_ready(
-            lambda: RunLedger.open(js, driver.name, log),
-            f"open the run ledger {protocol.ledger_bucket(driver.name)!r}",
+            lambda: RunLedger.open(js, driver.name, log, settings.ledger_ttl, instance),
+            f"open the run ledger {bucket!r}",
             nc=nc,
             deadline=deadline,
             log=log,
         )
     except ConveyorDriverError as exc:
-        log.error(
-            "run ledger unavailable: attempts are counted from JetStream deliveries, "
-            "so runs handed back by a shutdown count as attempts",
-            error=str(exc),
-        )
-        return None
+        raise ConsumerSetupError(f"{exc} (or run with --no-ledger to go without it)") from None
 
 
 def _raise_if_cancelled() -> None:

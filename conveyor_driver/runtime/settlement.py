@@ -1,14 +1,21 @@
 """Settling a delivery: what the run ledger says of it, its result, then ack, nak or term.
 
 The consumer calls these in a message's order: :meth:`Settlement.admit` (the ledger: which
-attempt this really is), the dispatcher, :meth:`~Settlement.record` (the ledger keeps a
-failed attempt's error), :meth:`~Settlement.publish_result` (stored before anything is
-acked) and :meth:`~Settlement.settle`. A stopping process gives unfinished runs back with
-:meth:`~Settlement.hand_back`, recorded so that they never count as attempts.
+attempt this really is, or that the run already finished), the dispatcher,
+:meth:`~Settlement.record` (the ledger keeps a failed attempt's error),
+:meth:`~Settlement.publish_result` (the result recorded in the ledger, which fences off a
+late twin, then stored before anything is acked) and :meth:`~Settlement.settle`. A
+redelivery of a finished run goes to :meth:`~Settlement.replay` instead of the handler. A
+stopping process gives unfinished runs back with :meth:`~Settlement.hand_back`, recorded
+so that they never count as attempts.
+
+The ledger's protocol, crash point by crash point, is in docs/protocol.md#the-run-ledger.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import TYPE_CHECKING
 
 import attrs
@@ -22,7 +29,8 @@ from ..models import DriverMessage, encode_result
 from ..outcomes import Action, Outcome, Result
 from ..telemetry import inject
 from .dispatcher import Delivery, Processed
-from .publisher import describe
+from .ledger import DECIDED, RECORD_OVERHEAD, Fenced, RunRecord
+from .publisher import describe, headers_size
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable
@@ -35,6 +43,23 @@ if TYPE_CHECKING:
 
 #: JetStream's "message size exceeds maximum allowed" (above a stream's ``max_msg_size``).
 _TOO_LARGE = 10054
+
+
+@attrs.frozen
+class Admission:
+    """A delivery as admitted: what the dispatcher gets, and what the ledger knows of it.
+
+    ``record`` is None without a ledger (or for a body with no run id); ``finished`` says
+    the run was decided before, so the handler must not run again.
+    """
+
+    delivery: Delivery
+    sequence: int
+    record: RunRecord | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.record is not None and self.record.finished
 
 
 class Settlement:
@@ -51,31 +76,77 @@ class Settlement:
         self._driver = driver
         self._log = log
         self._ledger = ledger
+        #: Background "reported" marks, kept so that a shutdown can wait for them.
+        self._marking: set[asyncio.Task[None]] = set()
 
-    async def admit(self, msg: Msg) -> tuple[Delivery, int]:
-        """The delivery as the dispatcher takes it, and its stream sequence.
+    async def admit(self, msg: Msg) -> Admission:
+        """The delivery as the dispatcher takes it, with what the ledger knows of it.
 
-        A redelivery's attempt comes from the ledger, with the errors of the attempts
-        before it: hand-backs were deliveries, not attempts. A first delivery reads nothing.
+        A first delivery reads nothing (there is nothing to read). A redelivery's attempt
+        comes from the ledger, with the errors of the attempts before it: hand-backs were
+        deliveries, not attempts. The ledger is waited for, never guessed: a handler does
+        not start on an unknown state.
         """
-        delivered, stream_sequence = protocol.parse_ack_subject(msg.reply)
+        delivered, sequence = protocol.parse_ack_subject(msg.reply)
         delivery = Delivery(msg.data, msg.subject, delivered, msg.headers)
-        if delivered > 1 and self._ledger is not None:
-            run_id = _run_id_of(msg.data)
-            if run_id is not None:  # undecodable: the dispatcher terminates it, whatever the count
-                record = await self._ledger.read(stream_sequence, run_id)
-                attempt = record.attempt(delivered)
-                delivery = attrs.evolve(delivery, attempt=attempt, earlier=record.earlier(attempt))
-        return delivery, stream_sequence
+        run_id = _run_id_of(msg.data) if self._ledger is not None else None
+        if self._ledger is None or run_id is None:  # no run id: the dispatcher terminates it
+            return Admission(delivery, sequence)
+        if delivered == 1:
+            return Admission(delivery, sequence, RunRecord(run_id))
+        record = await self._ledger.read(sequence, run_id)
+        attempt = record.attempt(delivered)
+        delivery = attrs.evolve(delivery, attempt=attempt, earlier=record.earlier(attempt))
+        return Admission(delivery, sequence, record)
 
-    async def record(self, stream_sequence: int, delivery: Delivery, processed: Processed) -> None:
+    async def replay(self, msg: Msg, admission: Admission) -> None:
+        """A redelivery of a run already decided: its recorded result, never a second run.
+
+        A result decided but perhaps not stored (a crash between the two, a lost ack) is
+        published again with the same ``Nats-Msg-Id``, so JetStream keeps one copy.
+        """
+        record = admission.record
+        assert record is not None and self._ledger is not None
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.at))
+        if record.state == DECIDED:
+            headers = {
+                protocol.MSG_ID_HEADER: protocol.result_message_id(self._driver, admission.sequence)
+            }
+            await self._store(record.result.encode(), headers, record.run_id)
+            await self._ledger.mark_reported(record, admission.sequence)
+        self._log.info(
+            f"run already finished at {when} by instance {record.instance or '?'}; acked",
+            run_id=record.run_id,
+            state=record.state,
+        )
+        await self._ledger.note_duplicate(admission.sequence, record.run_id)
+        await msg.ack()
+
+    async def renew(self, admission: Admission) -> Admission:
+        """Keep a long run's lease fresh; raises :class:`Fenced` when it was taken over."""
+        if self._ledger is None or admission.record is None:
+            return admission
+        record = await self._ledger.renew(admission.record, admission.sequence)
+        return attrs.evolve(admission, record=record)
+
+    async def record(self, admission: Admission, processed: Processed) -> None:
         """Keep what a failed attempt raised, for the failure of the attempt that gives up."""
         if processed.error and processed.message is not None and self._ledger is not None:
             await self._ledger.record_error(
-                stream_sequence, processed.message.run_id, delivery.attempt, processed.error
+                admission.sequence,
+                processed.message.run_id,
+                admission.delivery.attempt,
+                processed.error,
             )
 
-    async def publish_result(self, stream_sequence: int, processed: Processed) -> None:
+    async def publish_result(self, admission: Admission, processed: Processed) -> bool:
+        """Record the result in the ledger, then store it; False when fenced off.
+
+        The ledger's compare-and-set is the fence: an instance that was paused past
+        ``ack_wait`` while another took its delivery learns here that the other decided
+        first, logs it and publishes nothing (nor acks: the delivery is the other's now).
+        """
+        stream_sequence = admission.sequence
         """Store the run's result event, if it has one, before the message is settled.
 
         Weather is waited out for as long as it lasts: the run stays alive meanwhile
@@ -87,12 +158,35 @@ class Settlement:
         """
         message, result = processed.message, processed.outcome.result
         if result is None or message is None:
-            return
+            return True
         headers = {
             protocol.MSG_ID_HEADER: protocol.result_message_id(self._driver, stream_sequence)
         }
         inject(headers, processed.span_context)
         body = self._encode(message, result)
+        keeping = self._ledger is not None and admission.record is not None
+        room = self._publisher.max_payload - headers_size(headers)
+        if len(body) > room - (RECORD_OVERHEAD if keeping else 0):
+            # Never fits, however often it is retried or the handler re-run: a failure
+            # naming the limit is reported once instead.
+            text = self._too_large(result)
+            self._log.error(
+                "result too large to publish; reporting a failure",
+                run_id=message.run_id,
+                error=text,
+            )
+            body = self._encode(message, Result.fail(text))
+        if self._ledger is not None and admission.record is not None:
+            try:
+                decided = await self._ledger.decide(admission.record, stream_sequence, body)
+            except Fenced as fenced:
+                self._log.warning(
+                    "fenced: another instance decided this run first; publishing nothing",
+                    run_id=message.run_id,
+                    reason=str(fenced),
+                )
+                return False
+            admission = attrs.evolve(admission, record=decided)
         refused = await self._store(body, headers, message.run_id)
         if isinstance(refused, MaxPayloadError):
             text = self._too_large(result)
@@ -115,6 +209,15 @@ class Settlement:
                 size=len(body),
                 error=describe(refused),
             )
+        if self._ledger is not None and admission.record is not None:
+            # Off the critical path: the ack does not wait for it. Lost with the ack, the
+            # redelivery re-publishes the decided result under the same Nats-Msg-Id.
+            mark = asyncio.create_task(
+                self._ledger.mark_reported(admission.record, stream_sequence)
+            )
+            self._marking.add(mark)
+            mark.add_done_callback(self._marking.discard)
+        return True
 
     async def settle(self, msg: Msg, outcome: Outcome) -> None:
         """Ack, nak (with the outcome's delay) or term: the outcome's last word."""
@@ -124,6 +227,11 @@ class Settlement:
             await msg.term()
         else:
             await msg.nak(delay=outcome.delay)
+
+    async def drain(self, timeout: float) -> None:
+        """Let background ledger marks finish before the connection closes."""
+        if self._marking:
+            await asyncio.wait(self._marking, timeout=timeout)
 
     async def hand_back(self, msg: Msg) -> None:
         """Give a run back unfinished (shutdown): recorded first, so it is not an attempt."""

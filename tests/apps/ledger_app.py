@@ -1,0 +1,45 @@
+"""A driver for the run-ledger tests: each handler start is appended to ``spec["calls"]``
+(a file), so a test counts real runs across processes; ``spec["sleep"]`` makes it slow.
+
+With ``CONVEYOR_TEST_DIE_AFTER_PUBLISH=1`` in its environment, the process kills itself
+(SIGKILL) right after a result's PubAck and before the ack: the crash point that must
+neither lose the result nor publish it twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+from conveyor_driver import Context, Driver
+from conveyor_driver.runtime.settlement import Settlement
+
+driver = Driver("ledgered", ack_wait=2.0, grace_period=1.0)
+
+
+@driver.on("job")
+async def job(ctx: Context) -> dict[str, Any]:
+    spec = ctx.resource.spec or {}
+    await asyncio.to_thread(_note_call, Path(spec["calls"]), f"{os.getpid()} {ctx.run_id}\n")
+    await asyncio.sleep(float(spec.get("sleep", 0)))
+    ctx.log.info("handler finished", pid=os.getpid())
+    return {"pid": os.getpid()}
+
+
+def _note_call(calls: Path, line: str) -> None:
+    with calls.open("a") as file:
+        file.write(line)
+
+
+if os.environ.get("CONVEYOR_TEST_DIE_AFTER_PUBLISH"):
+    _publish = Settlement.publish_result
+
+    async def _publish_then_die(self: Settlement, *args: Any, **kwargs: Any) -> bool:
+        published = await _publish(self, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGKILL)
+        return published
+
+    Settlement.publish_result = _publish_then_die  # type: ignore[method-assign]
