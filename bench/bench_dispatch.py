@@ -46,6 +46,8 @@ ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
 PROFILE = os.environ.get("BENCH_PROFILE", "") not in ("", "0")
 CONCURRENCIES = (1, 64)
 TARGET = 0.8
+#: The run ledger's cost targets (issue 10): ledger on / off, by concurrency.
+LEDGER_TARGETS = {1: 0.6, 64: 0.75}
 RESOURCE_TYPE = "pipeline"
 ACK_WAIT = 30.0
 WARMUP_N = 300
@@ -163,10 +165,10 @@ async def time_consumption(nc: Client, name: str, n: int, runner: asyncio.Task[N
 
 
 async def run_framework(
-    url: str, nc: Client, name: str, concurrency: int, bodies: list[bytes]
+    url: str, nc: Client, name: str, concurrency: int, bodies: list[bytes], *, ledger: bool = True
 ) -> Run:
     js = nc.jetstream()
-    driver = Driver(name, concurrency=concurrency, ack_wait=ACK_WAIT)
+    driver = Driver(name, concurrency=concurrency, ack_wait=ACK_WAIT, ledger=ledger)
 
     @driver.on(RESOURCE_TYPE)
     async def noop(ctx: Context) -> None:
@@ -176,6 +178,13 @@ async def run_framework(
     await preload(js, bodies)
     async with running(driver, url, log_level="warning") as task:
         return await time_consumption(nc, name, len(bodies), task)
+
+
+async def run_framework_without_ledger(
+    url: str, nc: Client, name: str, concurrency: int, bodies: list[bytes]
+) -> Run:
+    """The framework with ``Driver(ledger=False)``: what the run ledger costs."""
+    return await run_framework(url, nc, name, concurrency, bodies, ledger=False)
 
 
 # --- the hand-written baseline -----------------------------------------------------------
@@ -282,7 +291,11 @@ async def profile_framework(url: str, nc: Client, concurrency: int, bodies: list
 async def main() -> int:
     print(f"bench: {N} events per run, {ROUNDS} rounds, concurrency {CONCURRENCIES}")
     bodies = make_events(N)
-    sides: dict[str, Runner] = {"framework": run_framework, "baseline": run_baseline}
+    sides: dict[str, Runner] = {
+        "framework": run_framework,
+        "no-ledger": run_framework_without_ledger,
+        "baseline": run_baseline,
+    }
     runs: dict[tuple[str, int], list[Run]] = {
         (side, c): [] for side in sides for c in CONCURRENCIES
     }
@@ -346,6 +359,22 @@ def report(runs: dict[tuple[str, int], list[Run]]) -> None:
             f"  {cpu_fw:>8,.0f} / {cpu_base:<7,.0f}  {verdict}"
         )
     print(f"(medians of {ROUNDS} rounds of {N} events; target: ratio >= {TARGET})")
+    print()
+    print("the run ledger's cost: framework (ledger on) / framework with ledger=False")
+    for c in CONCURRENCIES:
+        on = statistics.median(run.rate for run in runs["framework", c])
+        off = statistics.median(run.rate for run in runs["no-ledger", c])
+        pairs = zip(runs["framework", c], runs["no-ledger", c], strict=True)
+        paired = [f.rate / b.rate for f, b in pairs]
+        cpu_on = statistics.median(run.cpu_us for run in runs["framework", c])
+        cpu_off = statistics.median(run.cpu_us for run in runs["no-ledger", c])
+        target = LEDGER_TARGETS.get(c)
+        verdict = "" if target is None else ("ok" if on / off >= target else "BELOW TARGET")
+        print(
+            f"  concurrency {c:<4} {on:>9,.0f} / {off:>9,.0f} msgs/s = {on / off:.2f}"
+            f" ({min(paired):.2f}-{max(paired):.2f})  CPU {cpu_on:,.0f} / {cpu_off:,.0f} us/msg"
+            f"  target >= {target}: {verdict}"
+        )
     if missed:
         settings = ", ".join(str(c) for c in missed)
         print(f"below target at concurrency {settings}")

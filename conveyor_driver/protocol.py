@@ -113,6 +113,17 @@ def ledger_bucket(driver: str) -> str:
     return f"conveyor-runs-{safe}"
 
 
+def ledger_subject(bucket: str, key: str) -> str:
+    """The subject a key-value entry of ``bucket`` is written to (JetStream's KV layout)."""
+    return f"$KV.{bucket}.{key}"
+
+
+#: A write that must find the key at this revision (0: the key must not exist yet).
+EXPECTED_LAST_SUBJECT_SEQUENCE_HEADER = "Nats-Expected-Last-Subject-Sequence"
+#: JetStream's answers to a failed expectation of the last subject sequence.
+WRONG_LAST_SEQUENCE = frozenset({10071, 10164})
+
+
 def consumer_config(driver: str, resource_types: Iterable[str], ack_wait: float) -> ConsumerConfig:
     """The durable pull consumer (``docs/protocol.md#the-durable-pull-consumer``).
 

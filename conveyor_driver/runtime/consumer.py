@@ -176,7 +176,6 @@ class Consumer:
                 await asyncio.wait(unfinished, timeout=_HANDBACK_TIMEOUT)
         if self._bounced:
             await asyncio.wait(self._bounced, timeout=_HANDBACK_TIMEOUT)
-        await self._settlement.drain(_HANDBACK_TIMEOUT)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -27,6 +27,7 @@ described in ``docs/protocol.md#the-run-ledger``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import TYPE_CHECKING
 
@@ -34,7 +35,7 @@ import attrs
 import orjson
 from nats.errors import Error as NatsError
 from nats.js.api import KeyValueConfig
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
 from structlog.typing import FilteringBoundLogger
 
 from .. import protocol
@@ -44,6 +45,8 @@ if TYPE_CHECKING:
 
     from nats.js.client import JetStreamContext
     from nats.js.kv import KeyValue
+
+    from .publisher import Publisher
 
 #: Records outlive any redelivery JetStream would still make.
 DEFAULT_TTL = 7 * 24 * 3600.0
@@ -105,14 +108,21 @@ class RunRecord:
         return tuple(self.errors.get(n, _STOPPED_MID_RUN) for n in range(1, attempt))
 
     def encode(self) -> bytes:
-        body: dict[str, object] = attrs.asdict(
-            self, filter=lambda field, value: field.name != "revision"
+        return orjson.dumps(
+            {
+                "run_id": self.run_id,
+                "handbacks": self.handbacks,
+                "errors": {str(n): text for n, text in self.errors.items()},
+                "state": self.state,
+                # As JSON, not as an escaped string: a result that fits a NATS message
+                # then fits the record too, with room for the record's few other fields.
+                "result": orjson.Fragment(self.result.encode()) if self.result else None,
+                "instance": self.instance,
+                "at": self.at,
+                "duplicates": self.duplicates,
+                "fenced": self.fenced,
+            }
         )
-        body["errors"] = {str(n): text for n, text in self.errors.items()}
-        # The result goes in as JSON, not as an escaped string: a result that fits a NATS
-        # message then fits the record too, with room for the record's few other fields.
-        body["result"] = orjson.Fragment(self.result.encode()) if self.result else None
-        return orjson.dumps(body)
 
     @classmethod
     def decode(cls, data: bytes, revision: int = 0) -> RunRecord:
@@ -135,11 +145,22 @@ class RunRecord:
 class RunLedger:
     """The driver's bucket; every method is weather-proof or says plainly that it failed."""
 
-    def __init__(self, kv: KeyValue, log: FilteringBoundLogger, instance: str = "") -> None:
+    def __init__(
+        self,
+        kv: KeyValue,
+        log: FilteringBoundLogger,
+        instance: str = "",
+        publisher: Publisher | None = None,
+        bucket: str = "",
+    ) -> None:
         self._kv = kv
         self._log = log
         #: This process, as named in the records it writes (host and pid by default).
         self.instance = instance
+        #: Writes go through the driver's own publisher when it has one: the decision is
+        #: on every message's way to its ack, and nats-py's KV path costs several times more.
+        self.publisher = publisher
+        self._bucket = bucket
 
     @classmethod
     async def open(
@@ -159,7 +180,8 @@ class RunLedger:
             ttl=ttl,
             replicas=info.config.num_replicas or 1,
         )
-        return cls(await js.create_key_value(config), log, instance)
+        kv = await js.create_key_value(config)
+        return cls(kv, log, instance, bucket=config.bucket)
 
     async def read(self, sequence: int, run_id: str) -> RunRecord:
         """The record of a redelivered message; retried until it answers (weather).
@@ -239,16 +261,19 @@ class RunLedger:
     async def mark_reported(self, record: RunRecord, sequence: int) -> None:
         """The server has the result: a later redelivery is acked without re-publishing.
 
-        One write against the revision :meth:`decide` returned; a conflict (a duplicate
-        counted meanwhile) falls back to reading first.
+        Sent beside the ack and not waited for (no reply is asked): lost, or refused
+        because the record moved on, it leaves the run ``decided``, whose redelivery
+        re-publishes the result under the same ``Nats-Msg-Id``: safe, only slower.
         """
         reported = attrs.evolve(record, state=REPORTED, at=time.time())
-        try:
-            await self._write(sequence, reported, record.revision)
-        except (NatsError, TimeoutError):
-            await self._change(
-                sequence, record.run_id, lambda r: attrs.evolve(r, state=REPORTED, at=time.time())
-            )
+        if self.publisher is None or not self._bucket:
+            with contextlib.suppress(NatsError, TimeoutError):
+                await self._write(sequence, reported, record.revision)
+            return
+        headers = {protocol.EXPECTED_LAST_SUBJECT_SEQUENCE_HEADER: str(record.revision)}
+        subject = protocol.ledger_subject(self._bucket, str(sequence))
+        with contextlib.suppress(NatsError):
+            await self.publisher.nc.publish(subject, reported.encode(), headers=headers)
 
     async def note_duplicate(self, sequence: int, run_id: str) -> None:
         """A redelivery of a finished run was acked without running (counted for status)."""
@@ -271,6 +296,16 @@ class RunLedger:
         return counts
 
     async def _write(self, sequence: int, record: RunRecord, revision: int) -> int:
+        """Compare-and-set ``record`` on ``revision`` (0: create); the new revision."""
+        if self.publisher is not None and self._bucket:
+            headers = {protocol.EXPECTED_LAST_SUBJECT_SEQUENCE_HEADER: str(revision)}
+            subject = protocol.ledger_subject(self._bucket, str(sequence))
+            try:
+                return await self.publisher.store(subject, record.encode(), headers)
+            except APIError as exc:
+                if exc.err_code in protocol.WRONG_LAST_SEQUENCE:
+                    raise KeyWrongLastSequenceError from None
+                raise
         if revision:
             return int(await self._kv.update(str(sequence), record.encode(), last=revision))
         return int(await self._kv.create(str(sequence), record.encode()))

@@ -215,6 +215,15 @@ class Publisher:
         Raises the error of :func:`answer_error`, ``MaxPayloadError`` (before sending), the
         client's own errors, or ``nats.errors.TimeoutError`` when no answer came in time.
         """
+        await self._request(subject, body, headers)
+
+    async def store(self, subject: str, body: bytes, headers: dict[str, str] | None = None) -> int:
+        """:meth:`publish`, returning the stream sequence the message got (a key-value
+        entry's revision), for writes that build on it."""
+        answer = await self._request(subject, body, headers)
+        return int(orjson.loads(answer.data)["seq"])
+
+    async def _request(self, subject: str, body: bytes, headers: dict[str, str] | None) -> Msg:
         if not self._prefix:
             await self.start()
         self.check_size(body, headers)
@@ -232,6 +241,7 @@ class Publisher:
         error = answer_error(msg)
         if error is not None:
             raise error
+        return msg
 
     async def publish_until_stored(
         self,

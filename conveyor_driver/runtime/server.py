@@ -115,6 +115,8 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
         )
         ledger = await _open_ledger(nc, driver, settings, deadline, log)
         publisher = Publisher(nc)
+        if ledger is not None:
+            ledger.publisher = publisher
         state.nc = nc
         api = ConveyorClient.from_settings(settings, tls, log=log)
         stack.push_async_callback(api.close)

@@ -14,7 +14,6 @@ The ledger's protocol, crash point by crash point, is in docs/protocol.md#the-ru
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import TYPE_CHECKING
 
@@ -76,8 +75,6 @@ class Settlement:
         self._driver = driver
         self._log = log
         self._ledger = ledger
-        #: Background "reported" marks, kept so that a shutdown can wait for them.
-        self._marking: set[asyncio.Task[None]] = set()
 
     async def admit(self, msg: Msg) -> Admission:
         """The delivery as the dispatcher takes it, with what the ledger knows of it.
@@ -210,13 +207,8 @@ class Settlement:
                 error=describe(refused),
             )
         if self._ledger is not None and admission.record is not None:
-            # Off the critical path: the ack does not wait for it. Lost with the ack, the
-            # redelivery re-publishes the decided result under the same Nats-Msg-Id.
-            mark = asyncio.create_task(
-                self._ledger.mark_reported(admission.record, stream_sequence)
-            )
-            self._marking.add(mark)
-            mark.add_done_callback(self._marking.discard)
+            # Beside the ack, in the same socket write, and not waited for.
+            await self._ledger.mark_reported(admission.record, stream_sequence)
         return True
 
     async def settle(self, msg: Msg, outcome: Outcome) -> None:
@@ -227,11 +219,6 @@ class Settlement:
             await msg.term()
         else:
             await msg.nak(delay=outcome.delay)
-
-    async def drain(self, timeout: float) -> None:
-        """Let background ledger marks finish before the connection closes."""
-        if self._marking:
-            await asyncio.wait(self._marking, timeout=timeout)
 
     async def hand_back(self, msg: Msg) -> None:
         """Give a run back unfinished (shutdown): recorded first, so it is not an attempt."""
