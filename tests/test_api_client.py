@@ -20,7 +20,9 @@ import pytest_asyncio
 from _conveyor_api_server import SWAGGER_FILE, ConveyorAPIServer
 from _helpers import wait_until
 from apps.harness import run_cli
+from cattrs import ClassValidationError
 
+from conveyor_driver import models
 from conveyor_driver.api import (
     APIUnavailable,
     ConveyorAPIError,
@@ -31,6 +33,7 @@ from conveyor_driver.api import (
     ResourceDefinition,
     Step,
 )
+from conveyor_driver.api import models as api_models
 from conveyor_driver.embedded import free_port
 from conveyor_driver.models import DriverMessage, LogEntry, Resource
 from conveyor_driver.testing import FakeContext, FakeConveyorClient
@@ -683,3 +686,11 @@ def test_the_contract_copy_matches_the_shared_one() -> None:
     if not shared.is_file():
         pytest.skip("no shared/conveyor beside this clone")
     assert SWAGGER_FILE.read_bytes() == shared.read_bytes()
+
+
+def test_the_api_reads_go_nulls_without_changing_the_wire_converter() -> None:
+    answer = {"name": "ci", "resource": "pipeline", "steps": None, "metadata": None}
+    assert api_models.converter.structure(answer, Pipeline) == Pipeline("ci", "pipeline")
+    # The shared converter keeps its own hooks: the API's leniency is the API's alone.
+    with pytest.raises(ClassValidationError):
+        models.converter.structure(answer, Pipeline)

@@ -32,13 +32,12 @@ from ..models import (
     DriverMessage,
     LogEntry,
     Resource,
-    converter,
     encode_driver_message,
     resource_from_json,
 )
 from ..telemetry import Telemetry
 from .auth import CertificateAuth
-from .models import Pipeline, ResourceCreated, ResourceDefinition, log_entry
+from .models import Pipeline, ResourceCreated, ResourceDefinition, converter, log_entry
 
 if TYPE_CHECKING:
     from ..settings import Settings
