@@ -22,12 +22,14 @@ from _helpers import wait_until
 from apps.harness import run_cli
 from cattrs import ClassValidationError
 
-from conveyor_driver import models
+from conveyor_driver import ConveyorDriverError, models
 from conveyor_driver.api import (
     APIUnavailable,
+    APIUnavailableError,
     ConveyorAPIError,
     ConveyorClient,
     NotFound,
+    NotFoundError,
     Pipeline,
     ResourceCreated,
     ResourceDefinition,
@@ -686,6 +688,16 @@ def test_the_contract_copy_matches_the_shared_one() -> None:
     if not shared.is_file():
         pytest.skip("no shared/conveyor beside this clone")
     assert SWAGGER_FILE.read_bytes() == shared.read_bytes()
+
+
+def test_api_errors_are_driver_errors_under_their_new_and_old_names() -> None:
+    # The CLI prints a ConveyorDriverError as one line: an API error reads as one too.
+    assert issubclass(ConveyorAPIError, ConveyorDriverError)
+    assert (NotFound, APIUnavailable) == (NotFoundError, APIUnavailableError)
+    assert issubclass(NotFoundError, ConveyorAPIError)
+    assert issubclass(APIUnavailableError, ConveyorAPIError)
+    error = APIUnavailableError("GET", "/health", "timed out after 1s")
+    assert (str(error), error.status) == ("GET /health got no answer: timed out after 1s", 0)
 
 
 def test_the_api_reads_go_nulls_without_changing_the_wire_converter() -> None:
