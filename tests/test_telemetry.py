@@ -638,3 +638,45 @@ async def test_run_exports_traces_and_metrics_over_otlp_when_otel_env_asks(
     assert {r.get("service.name") for r in receiver.resources} == {"worker"}
     assert receiver.runs == {"success": 1}
     assert {"messaging.process.duration", "conveyor.driver.inflight"} <= set(receiver.metric_names)
+
+
+async def test_inflight_sums_every_driver_in_the_process(
+    otel: Recorder, nats_server: EmbeddedNats, nats_client: Client
+) -> None:
+    # OpenTelemetry keeps the callback of the first registration only: whichever driver
+    # registered first, the one gauge reports the handlers of all of them.
+    release = asyncio.Event()
+    started: list[str] = []
+
+    def blocked(name: str) -> Driver:
+        driver = Driver(name)
+
+        @driver.on(name)
+        async def build(ctx: Context) -> None:
+            started.append(name)
+            await release.wait()
+
+        return driver
+
+    def inflight() -> list[float]:
+        return [p.value for p in otel.metrics().get("conveyor.driver.inflight", [])]
+
+    js = nats_client.jetstream()
+    async with (
+        running(blocked("first"), nats_server.url),
+        running(blocked("second"), nats_server.url),
+        raw_results(nats_client) as results,
+    ):
+        run_ids = []
+        for name in ("first", "second"):
+            run_id, body = driver_message(resource_json("app", name))
+            await js.publish(protocol.resource_subject(name), body)
+            run_ids.append(run_id)
+        try:
+            await wait_until(lambda: len(started) == 2, what="both handlers running")
+            assert inflight() == [2]
+        finally:
+            release.set()
+        for run_id in run_ids:
+            await results.wait(run_id)
+        assert inflight() == [0]

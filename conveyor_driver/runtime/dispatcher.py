@@ -72,12 +72,13 @@ class Processed:
 
 @attrs.frozen
 class Services:
-    """What the runtime hands every run: the driver logger, the API client, a thread pool."""
+    """What the runtime hands every run: the driver logger, the API client, the driver's
+    telemetry, a thread pool."""
 
     log: FilteringBoundLogger
     api: ConveyorClient
+    telemetry: Telemetry
     executor: Executor | None = None
-    telemetry: Telemetry = attrs.field(factory=Telemetry)
 
 
 async def process(driver: Driver, delivery: Delivery, services: Services) -> Processed:

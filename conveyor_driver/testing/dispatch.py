@@ -13,6 +13,7 @@ from ..app import Driver
 from ..models import DriverMessage, Resource, encode_driver_message
 from ..outcomes import Result
 from ..runtime.dispatcher import Delivery, Services, process
+from ..telemetry import Telemetry
 from .fake import LogRecorder, as_resource
 from .fake_api import FakeConveyorClient
 
@@ -60,6 +61,7 @@ async def dispatch(
     services = Services(
         log=recorder.logger().bind(driver=driver.name),
         api=api if api is not None else FakeConveyorClient(),
+        telemetry=Telemetry(),
     )
     delivery = Delivery(
         data=encode_driver_message(message),
