@@ -10,7 +10,8 @@ async def build(ctx: Context) -> Result:
     return Result.ok("built")
 """
 
-from .app import Driver
+from .app import Driver, Route
+from .commands import CommandResult
 from .context import Context
 from .errors import ConfigurationError, ConveyorDriverError
 from .models import Resource
@@ -18,6 +19,7 @@ from .outcomes import Fail, Result, Retry
 from .settings import Settings
 
 __all__ = [
+    "CommandResult",
     "ConfigurationError",
     "Context",
     "ConveyorDriverError",
@@ -26,5 +28,6 @@ __all__ = [
     "Resource",
     "Result",
     "Retry",
+    "Route",
     "Settings",
 ]

@@ -58,16 +58,19 @@ class Retry(Exception):
         self.delay = delay
 
 
-class Action(enum.Enum):
-    """How a message is settled with JetStream."""
+class Action(enum.StrEnum):
+    """How a message is settled with JetStream; equal to its value (``Action.ACK == "ack"``)."""
 
     ACK = "ack"
     NAK = "nak"
     TERM = "term"
 
 
-class Kind(enum.Enum):
-    """Why a message was settled the way it was (for logs, tests and metrics)."""
+class Kind(enum.StrEnum):
+    """Why a message was settled the way it was (for logs, tests and metrics).
+
+    Equal to its value (``Kind.SUCCESS == "success"``), so tests and logs may use either.
+    """
 
     SUCCESS = "success"
     FAILURE = "failure"
