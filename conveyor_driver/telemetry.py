@@ -14,13 +14,17 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import metrics, propagate, trace
 from opentelemetry.context import Context as OtelContext
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 from structlog.typing import EventDict, WrappedLogger
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.trace import TracerProvider
 
 INSTRUMENTATION = "conveyor_driver"
 
@@ -220,7 +224,7 @@ def configure_from_env(
         tracer_provider = TracerProvider(resource=resource)
         tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
         trace.set_tracer_provider(tracer_provider)
-        shutdowns.append(tracer_provider.shutdown)
+        _keep_if_taken(tracer_provider, trace.get_tracer_provider(), shutdowns)
 
     if not _meter_provider_installed():
         readers: list[MetricReader] = []
@@ -238,12 +242,7 @@ def configure_from_env(
         if readers:
             meter_provider = MeterProvider(resource=resource, metric_readers=readers)
             metrics.set_meter_provider(meter_provider)
-            # The API refuses a second provider, and an application's own one that is not
-            # built on the SDK looks unset from here: keep ours only where it was taken.
-            if metrics.get_meter_provider() is meter_provider:
-                shutdowns.append(meter_provider.shutdown)
-            else:
-                meter_provider.shutdown()
+            _keep_if_taken(meter_provider, metrics.get_meter_provider(), shutdowns)
 
     if not shutdowns:
         return None
@@ -253,6 +252,21 @@ def configure_from_env(
             close()
 
     return shutdown
+
+
+def _keep_if_taken(
+    ours: TracerProvider | MeterProvider, current: object, shutdowns: list[Callable[[], Any]]
+) -> None:
+    """Keep the provider just offered to the API if it took it; shut it down if not.
+
+    The API refuses a second provider with a warning, and an application's own one that
+    the checks above do not recognise (a no-op, a meter provider not built on the SDK)
+    looks unset from here: ours must then neither run nor be shut down at exit.
+    """
+    if current is ours:
+        shutdowns.append(ours.shutdown)
+    else:
+        ours.shutdown()
 
 
 def _tracer_provider_installed() -> bool:

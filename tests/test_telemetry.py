@@ -8,6 +8,8 @@ import contextlib
 import json
 import secrets
 import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -487,6 +489,36 @@ def test_configure_from_env_keeps_the_providers_an_application_installed() -> No
     assert configure_from_env("polite", prometheus=True, environ=environ) is None
     assert trace.get_tracer_provider() is tracer_provider
     assert metrics.get_meter_provider() is meter_provider
+
+
+_NO_OP_PROVIDERS = """
+from opentelemetry import metrics, trace
+trace.set_tracer_provider(trace.NoOpTracerProvider())
+metrics.set_meter_provider(metrics.NoOpMeterProvider())
+from conveyor_driver.telemetry import Telemetry, configure_from_env
+shutdown = configure_from_env(
+    "quiet", prometheus=True, environ={"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"}
+)
+print(
+    shutdown is None,
+    type(trace.get_tracer_provider()).__name__,
+    type(metrics.get_meter_provider()).__name__,
+    Telemetry().enabled(),
+)
+"""
+
+
+def test_no_op_providers_an_application_chose_mean_telemetry_off_and_are_kept() -> None:
+    # A process of its own: this one has SDK providers set for good.
+    done = subprocess.run(
+        [sys.executable, "-c", _NO_OP_PROVIDERS],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env_without_otel(),
+        timeout=TIMEOUT,
+    )
+    assert done.stdout.split() == ["True", "NoOpTracerProvider", "NoOpMeterProvider", "False"]
 
 
 def env_without_otel(**extra: str) -> dict[str, str]:
