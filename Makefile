@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint typecheck bench clean
+.PHONY: install demo test test-fast lint typecheck bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +24,13 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# Every test, and the library's coverage: the lines each file misses (full files left out).
 test: lint typecheck
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --cov=conveyor_driver --cov-report=term-missing:skip-covered
+
+# The edit-run loop: no child Pythons and no package builds (markers: see tests/conftest.py).
+test-fast: $(STAMP)
+	$(BIN)/pytest -q -m "not process and not slow"
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_dispatch.py
@@ -33,4 +38,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_telemetry.py
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .coverage .coverage.* build *.egg-info

@@ -39,7 +39,7 @@ from nats.js import JetStreamContext
 from conveyor_driver import Context, Driver, protocol
 from conveyor_driver.embedded import EmbeddedNats
 from conveyor_driver.models import DriverMessage, Resource, encode_driver_message
-from conveyor_driver.testing.fixtures import running
+from conveyor_driver.testing import running
 
 N = int(os.environ.get("BENCH_N", "5000"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))

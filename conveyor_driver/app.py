@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 import attrs
 
 from . import protocol
+from .commands import KILL_GRACE
 from .errors import ConfigurationError
 from .outcomes import Result
 
@@ -39,6 +40,8 @@ class Route:
     handler: Handler
     resource_types: tuple[str, ...]
     events: frozenset[str] | None
+    #: Seconds one attempt may take (None: the driver's default, which may be None too).
+    timeout: float | None = None
 
     @property
     def name(self) -> str:
@@ -81,6 +84,8 @@ class Driver:
         max_attempts: int = 3,
         ack_wait: float = 30.0,
         grace_period: float = 30.0,
+        timeout: float | None = None,
+        kill_grace: float = KILL_GRACE,
     ) -> None:
         if not isinstance(name, str) or not protocol.is_subject_token(name):
             raise ConfigurationError(
@@ -94,11 +99,16 @@ class Driver:
             raise ConfigurationError(f"Driver ack_wait must be positive, not {ack_wait!r}")
         if grace_period < 0:
             raise ConfigurationError(f"Driver grace_period must be >= 0, not {grace_period!r}")
+        _check_timeout("Driver timeout", timeout)
+        if kill_grace < 0:
+            raise ConfigurationError(f"Driver kill_grace must be >= 0, not {kill_grace!r}")
         self.name = name
         self.concurrency = concurrency
         self.max_attempts = max_attempts
         self.ack_wait = float(ack_wait)
         self.grace_period = float(grace_period)
+        self.timeout = float(timeout) if timeout is not None else None
+        self.kill_grace = float(kill_grace)
         self._routes: list[Route] = []
         self.startup_hooks: list[Hook] = []
         self.shutdown_hooks: list[Hook] = []
@@ -106,8 +116,19 @@ class Driver:
     def __repr__(self) -> str:
         return f"<Driver {self.name!r} routes={len(self._routes)}>"
 
-    def on(self, *resource_types: str, events: Iterable[str] | None = None) -> Callable[[H], H]:
-        """Register the decorated function for these resource types (and events)."""
+    def on(
+        self,
+        *resource_types: str,
+        events: Iterable[str] | None = None,
+        timeout: float | None = None,
+    ) -> Callable[[H], H]:
+        """Register the decorated function for these resource types (and events).
+
+        ``timeout`` bounds one attempt in seconds (default: the driver's ``timeout``): at
+        the deadline an async handler is cancelled, its ``ctx.run`` commands are stopped,
+        and the attempt counts as failed.
+        """
+        _check_timeout("@driver.on() timeout", timeout)
         if not resource_types:
             raise ConfigurationError("@driver.on() needs at least one resource type")
         for resource_type in resource_types:
@@ -125,7 +146,7 @@ class Driver:
         def register(handler: H) -> H:
             if not callable(handler):
                 raise ConfigurationError(f"@driver.on() decorates a function, not {handler!r}")
-            route = Route(handler, tuple(dict.fromkeys(resource_types)), event_set)
+            route = Route(handler, tuple(dict.fromkeys(resource_types)), event_set, timeout)
             for existing in self._routes:
                 if route.overlaps(existing):
                     raise ConfigurationError(
@@ -215,3 +236,8 @@ async def call_hook(hook: Hook) -> None:
     outcome = hook()
     if isinstance(outcome, Awaitable):
         await outcome
+
+
+def _check_timeout(what: str, timeout: float | None) -> None:
+    if timeout is not None and not timeout > 0:
+        raise ConfigurationError(f"{what} must be positive seconds or None, not {timeout!r}")

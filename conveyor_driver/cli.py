@@ -59,6 +59,8 @@ _RUN = (
     "http_port",
     "http_host",
     "startup_timeout",
+    "block_threshold",
+    "timeout",
     *_LOKI,
     *_TLS,
 )

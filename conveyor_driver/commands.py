@@ -26,6 +26,8 @@ from ._reaper import REAPER
 from .outcomes import Fail
 from .telemetry import INSTRUMENTATION
 
+#: Seconds a stopped command gets between SIGTERM and SIGKILL (``Driver(kill_grace=...)``).
+KILL_GRACE = 10.0
 #: Bytes of each stream kept in the result (the log has every line).
 CAPTURE_LIMIT = 64 * 1024
 _LINE_LIMIT = 64 * 1024
@@ -55,12 +57,15 @@ async def run_command(
     env: Mapping[str, str] | None = None,
     timeout: float | None = None,
     check: bool = False,
+    kill_grace: float = KILL_GRACE,
 ) -> CommandResult:
     """Run ``cmd`` (a shell string or an argv list), logging its lines as they come.
 
     ``env`` is added to the driver's environment rather than replacing it, so ``PATH``
     stays. With ``check``, a non-zero exit or a timeout raises :class:`Fail`. The command
-    is a child span of the run (named after the program, so names stay few).
+    is a child span of the run (named after the program, so names stay few). A timeout or
+    a cancelled handler (its deadline, a shutdown) stops the command's whole process group:
+    SIGTERM first, so build tools can clean up, and SIGKILL after ``kill_grace`` seconds.
     """
     text = cmd if isinstance(cmd, str) else " ".join(cmd)
     program = text.split(maxsplit=1)[0] if text.strip() else "command"
@@ -71,7 +76,7 @@ async def run_command(
         record_exception=False,
         set_status_on_exception=False,
     ) as span:
-        result = await _run(log, cmd, cwd=cwd, env=env, timeout=timeout)
+        result = await _run(log, cmd, cwd=cwd, env=env, timeout=timeout, kill_grace=kill_grace)
         span.set_attribute("process.exit.code", result.exit_code)
         if not result.ok:
             span.set_status(Status(StatusCode.ERROR, "timed out" if result.timed_out else None))
@@ -94,6 +99,7 @@ async def _run(
     cwd: str | os.PathLike[str] | None,
     env: Mapping[str, str] | None,
     timeout: float | None,
+    kill_grace: float,
 ) -> CommandResult:
     full_env = {**os.environ, **env} if env is not None else None
     started = time.monotonic()
@@ -128,12 +134,9 @@ async def _run(
             await asyncio.wait_for(readers, timeout)
         except TimeoutError:
             timed_out = True
-            _kill_group(process)
-            await process.wait()
+            await _stop_group(process, kill_grace)
         except asyncio.CancelledError:
-            _kill_group(process)
-            with contextlib.suppress(ProcessLookupError):
-                await asyncio.shield(process.wait())
+            await asyncio.shield(_stop_group(process, kill_grace))
             raise
     finally:
         REAPER.unregister(process.pid)
@@ -147,7 +150,7 @@ async def _run(
         timed_out=timed_out,
     )
     if timed_out:
-        log.warning("command timed out; process group killed", timeout=timeout)
+        log.warning("command timed out; process group stopped", timeout=timeout)
     else:
         log.info("command finished", exit_code=exit_code, duration=round(result.duration, 3))
     return result
@@ -189,6 +192,19 @@ async def _pump(
         log.info(line, stream=name)
 
 
-def _kill_group(process: asyncio.subprocess.Process) -> None:
+async def _stop_group(process: asyncio.subprocess.Process, grace: float) -> None:
+    """SIGTERM the group, give it ``grace`` seconds, then SIGKILL whatever is left of it.
+
+    The group is signalled again even when its leader went at once: a child that ignores
+    SIGTERM would otherwise outlive the command.
+    """
+    _signal_group(process, signal.SIGTERM)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(process.wait(), grace)
+    _signal_group(process, signal.SIGKILL)
+    await process.wait()
+
+
+def _signal_group(process: asyncio.subprocess.Process, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)
+        os.killpg(process.pid, sig)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import attrs
 from structlog.typing import FilteringBoundLogger
 
-from .commands import CommandResult, run_command
+from .commands import KILL_GRACE, CommandResult, run_command
 from .models import Resource
 
 if TYPE_CHECKING:
@@ -33,6 +34,21 @@ class Context:
     resource: Resource
     log: FilteringBoundLogger = attrs.field(repr=False)
     api: ConveyorClient = attrs.field(repr=False)
+    #: When this attempt's time is up, on the ``time.monotonic()`` clock (which asyncio's
+    #: loop uses: ``asyncio.timeout_at(ctx.deadline)`` works); None without a timeout.
+    deadline: float | None = None
+    #: Seconds a stopped ``ctx.run`` command gets between SIGTERM and SIGKILL.
+    kill_grace: float = attrs.field(default=KILL_GRACE, repr=False)
+
+    def remaining(self) -> float | None:
+        """Seconds left before the deadline (never negative), or None without one.
+
+        Pass it on to calls that take a timeout, so that they give up before the run is
+        cut off, and with a clearer error than a cancellation.
+        """
+        if self.deadline is None:
+            return None
+        return max(self.deadline - time.monotonic(), 0.0)
 
     async def run(
         self,
@@ -50,4 +66,12 @@ class Context:
         timeout, or when the handler is cancelled, the command's whole process group is
         killed.
         """
-        return await run_command(self.log, cmd, cwd=cwd, env=env, timeout=timeout, check=check)
+        return await run_command(
+            self.log,
+            cmd,
+            cwd=cwd,
+            env=env,
+            timeout=timeout,
+            check=check,
+            kill_grace=self.kill_grace,
+        )

@@ -58,6 +58,24 @@ class Retry(Exception):
         self.delay = delay
 
 
+class TimedOut(Exception):
+    """An attempt ran past its deadline (``timeout=``): a failed attempt, retried as any."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"timed out after {duration(seconds)}")
+        self.seconds = seconds
+
+
+def duration(seconds: float) -> str:
+    """``10m0s``, ``1h2m5s``, ``30s``, ``0.5s``: Go's way, short and exact enough for logs."""
+    if seconds < 60:
+        return f"{seconds:g}s"
+    whole = round(seconds)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes}m{secs}s" if hours else f"{minutes}m{secs}s"
+
+
 class Action(enum.StrEnum):
     """How a message is settled with JetStream; equal to its value (``Action.ACK == "ack"``)."""
 
@@ -157,4 +175,6 @@ def gave_up(attempts: int, reason: str, earlier: tuple[str, ...] = ()) -> Outcom
 def describe(exc: BaseException) -> str:
     """``ValueError: bad spec``, or ``Retry: not ready`` for our own exceptions."""
     text = str(exc)
+    if isinstance(exc, TimedOut):
+        return text
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

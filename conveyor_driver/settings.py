@@ -192,6 +192,24 @@ VARIABLES: tuple[Variable, ...] = (
         "60",
         metavar="SECONDS",
     ),
+    Variable(
+        "CONVEYOR_TIMEOUT",
+        "timeout",
+        "--timeout",
+        decimal,
+        "Seconds one attempt of a handler may take, unless its own timeout= says otherwise "
+        "(default: the Driver's timeout, none unless set).",
+        metavar="SECONDS",
+    ),
+    Variable(
+        "CONVEYOR_BLOCK_THRESHOLD",
+        "block_threshold",
+        "--block-threshold",
+        decimal,
+        "Seconds the event loop may stall before a warning names the handler holding it.",
+        "1.0",
+        metavar="SECONDS",
+    ),
     Variable("CONVEYOR_LOKI_URL", "loki_url", "--loki-url", text, "Grafana Loki base URL."),
     Variable("CONVEYOR_LOKI_TENANT", "loki_tenant", "--loki-tenant", text, "X-Scope-OrgID."),
     Variable("CONVEYOR_LOKI_USER", "loki_username", "--loki-user", text, "Basic auth user."),
@@ -411,6 +429,10 @@ class Settings:
     #: How long start-up waits for NATS and JetStream (an election, a restart) before it
     #: gives up with one line; a configuration error ends it at once.
     startup_timeout: float = attrs.field(default=60.0, validator=validation.number(float, above=0))
+    #: The default deadline of one attempt, in place of the Driver's (a handler's own wins).
+    timeout: float | None = attrs.field(default=None, validator=validation.number(float, above=0))
+    #: A loop that does not turn for this long is reported with the stack holding it.
+    block_threshold: float = attrs.field(default=1.0, validator=validation.number(float, above=0))
     #: The driver's identity on a secured Conveyor (PROTOCOL.md section 6): a PEM
     #: certificate chain (leaf first), its private key, and the operator's CA.
     tls_cert: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))

@@ -25,7 +25,7 @@ from conveyor_driver import Settings, protocol
 from conveyor_driver.embedded import EmbeddedNats
 from conveyor_driver.emit import emit_event, watch_results
 from conveyor_driver.models import Resource, converter
-from conveyor_driver.testing.fixtures import running
+from conveyor_driver.testing import running
 
 SAMPLE = Resource(
     name="hello-world",
@@ -79,7 +79,7 @@ async def _stored_logs(nc: Client, run_id: str) -> list[dict[str, str]]:
     while True:
         try:
             batch = await sub.fetch(100, timeout=1)
-        except nats.errors.TimeoutError:
+        except TimeoutError:  # nats-py raises its own subclass, or asyncio's, when none came
             return entries
         for msg in batch:
             entries.append(orjson.loads(msg.data))

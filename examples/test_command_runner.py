@@ -108,10 +108,10 @@ async def test_timeout_kills_the_command_and_raises_fail() -> None:
     assert info.value.message == "command timed out after 1s"
     assert isinstance(info.value.data, dict)
     (pid_text,) = info.value.data["output"]
-    assert info.value.data == {"exit_code": -signal.SIGKILL, "output": [pid_text]}
+    assert info.value.data == {"exit_code": -signal.SIGTERM, "output": [pid_text]}
     warning = ctx.logs[-1]
     assert (warning["event"], warning["level"], warning["timeout"]) == (
-        "command timed out; process group killed",
+        "command timed out; process group stopped",
         "warning",
         1.0,
     )

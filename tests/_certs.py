@@ -11,6 +11,7 @@ import datetime
 import ipaddress
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal, overload
 
 import attrs
 from cryptography import x509
@@ -31,7 +32,19 @@ SERVER_AUTH = ExtendedKeyUsageOID.SERVER_AUTH
 CLIENT_AUTH = ExtendedKeyUsageOID.CLIENT_AUTH
 
 
+_Curve = Literal["p256", "p384", "p521", "secp256k1"]
+
+
+@overload
+def new_key(kind: Literal["rsa"]) -> rsa.RSAPrivateKey: ...
+@overload
+def new_key(kind: Literal["ed25519"]) -> ed25519.Ed25519PrivateKey: ...
+@overload
+def new_key(kind: _Curve = "p256") -> ec.EllipticCurvePrivateKey: ...
+@overload
+def new_key(kind: str) -> PrivateKey: ...
 def new_key(kind: str = "p256") -> PrivateKey:
+    """A fresh key: ``rsa``, ``ed25519`` or an EC curve by name."""
     if kind == "rsa":
         return rsa.generate_private_key(public_exponent=65537, key_size=2048)
     if kind == "ed25519":

@@ -12,9 +12,10 @@ import inspect
 import json
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
+from apps.harness import Completed
 from click.testing import CliRunner, Result
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -103,7 +104,8 @@ async def wait_until(
 
 
 async def consumer_info(nc: Client, driver: str) -> ConsumerInfo:
-    return await nc.jetstream().consumer_info(protocol.MESSAGES_STREAM, driver)
+    info: ConsumerInfo = await nc.jetstream().consumer_info(protocol.MESSAGES_STREAM, driver)
+    return info
 
 
 async def stream_messages(nc: Client, stream: str) -> int:
@@ -173,7 +175,7 @@ def terminations(nc: Client, driver: str) -> contextlib.AbstractAsyncContextMana
     return advisories(nc, "TERMINATED", driver)
 
 
-def invoke(*args: str, env: dict[str, str] | None = None) -> Result:
+def invoke(*args: str, env: Mapping[str, str] | None = None) -> Result:
     """``conveyor-driver ARGS`` in-process (click's CliRunner), with only ``env``'s
     CONVEYOR_* variables: the way to test the CLI where a child process is not the point.
     From an async test, run it with ``asyncio.to_thread`` (the command runs its own loop)."""
@@ -181,6 +183,19 @@ def invoke(*args: str, env: dict[str, str] | None = None) -> Result:
 
     cleared: dict[str, str | None] = {k: None for k in os.environ if k.startswith("CONVEYOR_")}
     return CliRunner().invoke(main, list(args), env={**cleared, **(env or {})})
+
+
+async def run_in_process(*args: str, env: Mapping[str, str] | None = None) -> Completed:
+    """:func:`invoke` from an async test, answered as ``apps.harness.run_cli`` answers (exit
+    status, stdout, stderr), so a test reads the same either way.
+
+    It runs in a thread, since the command runs an event loop of its own. An exception
+    other than SystemExit is raised here, where a child process would print a traceback.
+    """
+    result = await asyncio.to_thread(invoke, *args, env=env)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return Completed(result.exit_code, result.stdout, result.stderr)
 
 
 def one_error_line(result: Result) -> str:

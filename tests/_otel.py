@@ -17,7 +17,7 @@ up-down counter stays cumulative, because its point is the current level.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -25,8 +25,11 @@ from opentelemetry import metrics, trace
 from opentelemetry.sdk.metrics import Counter, Histogram, MeterProvider
 from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
+    HistogramDataPoint,
     InMemoryMetricReader,
     Metric,
+    NumberDataPoint,
+    ResourceMetrics,
 )
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -105,14 +108,15 @@ class Recorder:
             points = found.setdefault(metric.name, [])
             for point in metric.data.data_points:
                 attributes = dict(point.attributes or {})
-                if hasattr(point, "bucket_counts"):
+                if isinstance(point, HistogramDataPoint):
                     points.append(Point(attributes, point.sum, point.count))
                 else:
+                    assert isinstance(point, NumberDataPoint), point  # no exponential histograms
                     points.append(Point(attributes, point.value))
         return found
 
 
-def _metrics(resource_metrics: Any) -> Iterator[Metric]:
+def _metrics(resource_metrics: Sequence[ResourceMetrics]) -> Iterator[Metric]:
     for resource in resource_metrics:
         for scope in resource.scope_metrics:
             yield from scope.metrics

@@ -1,1 +1,78 @@
+"""The suite's nats-server fixtures, and the markers that say what a test needs.
+
+Markers (registered in pyproject.toml, where ``--strict-markers`` refuses any other):
+
+- ``nats``: needs a nats-server. :func:`pytest_collection_modifyitems` adds it to every test
+  that uses the ``nats_server`` fixture (itself or through ``nats_client``); a test that
+  starts a server of its own carries ``@pytest.mark.nats`` (or its module's ``pytestmark``).
+- ``process``: starts a Python child process: the ``conveyor-driver`` command, ``python``,
+  a build. Always written on the test or its module. ``make test-fast`` leaves these out.
+- ``slow``: builds the package into fresh venvs; minutes, not seconds.
+
+Marks are checked, not hoped for: :func:`_children_match_their_markers` watches every child
+a test starts, and a test that starts a nats-server or a Python without the marker that
+says so fails at teardown, naming the marker to add. Other children (the shell commands of
+``ctx.run`` and its reaper, ``sleep``) are what the code under test does, and need no
+marker.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
 pytest_plugins = ["conveyor_driver.testing.fixtures"]
+
+_PYTHON = {Path(sys.executable).name, "conveyor-driver", "pip"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "nats_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.nats)
+
+
+def _argv(args: object) -> list[str]:
+    """A Popen call's arguments as file-system strings."""
+    items = args if isinstance(args, Sequence) and not isinstance(args, str | bytes) else [args]
+    return [os.fsdecode(a) if isinstance(a, str | bytes | os.PathLike) else str(a) for a in items]
+
+
+def _marker_for(argv: list[str]) -> str | None:
+    """The marker a test needs to start this child, if any."""
+    program = Path(argv[0]).name if argv else ""
+    if program == "nats-server":
+        return "nats"
+    if program in _PYTHON or program.startswith("python"):
+        # ctx.run's own helper (a tiny `python -I -S` reaper) is the code under test.
+        if any("reaper" in Path(arg).name for arg in argv[1:]):
+            return None
+        return "process"
+    return None
+
+
+@pytest.fixture(autouse=True)
+def _children_match_their_markers(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[None]:
+    marked = {mark.name for mark in request.node.iter_markers()}
+    unmarked: list[str] = []
+    start = subprocess.Popen.__init__
+
+    def watched(self: subprocess.Popen[Any], args: Any, *rest: Any, **options: Any) -> None:
+        argv = _argv(args)
+        needed = _marker_for(argv)
+        if needed is not None and needed not in marked:
+            unmarked.append(f"{' '.join(argv)[:80]} needs @pytest.mark.{needed}")
+        start(self, args, *rest, **options)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", watched)
+    yield
+    if unmarked:
+        pytest.fail(f"{request.node.nodeid} starts children without their markers: {unmarked}")

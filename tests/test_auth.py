@@ -21,7 +21,8 @@ from typing import Any
 import pytest
 from _certs import CLIENT_AUTH, SERVER_AUTH, Issued, make_ca, make_leaf, new_key, write_pem
 from _conveyor_api_server import ConveyorAPIServer
-from apps.harness import app, run_cli
+from _helpers import run_in_process
+from apps.harness import app
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import Encoding
 
@@ -48,11 +49,15 @@ ALGORITHM = {"rsa": "RS256", "p256": "ES256", "p384": "ES384", "p521": "ES512"}
 
 def decode(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
     header, claims, _signature = token.split(".")
-    pad = lambda s: s + "=" * (-len(s) % 4)  # noqa: E731
     return (
-        json.loads(base64.urlsafe_b64decode(pad(header))),
-        json.loads(base64.urlsafe_b64decode(pad(claims))),
+        json.loads(base64.urlsafe_b64decode(_pad(header))),
+        json.loads(base64.urlsafe_b64decode(_pad(claims))),
     )
+
+
+def _pad(segment: str) -> str:
+    """Base64url without its padding (as JWTs carry it) made decodable again."""
+    return segment + "=" * (-len(segment) % 4)
 
 
 def der_b64(issued: Issued) -> list[str]:
@@ -432,7 +437,7 @@ async def test_cli_run_prints_one_line_without_key_material(tmp_path: Path, root
     files = make_leaf(root, "driver").write(tmp_path, "driver")
     other_leaf = make_leaf(root, "other")
     other = other_leaf.write(tmp_path, "other")
-    done = await run_cli(
+    done = await run_in_process(
         "run",
         app("worker_app.py:driver"),
         "--nats-url",

@@ -1,4 +1,9 @@
-"""The ``conveyor-driver`` command run as a real process against a real nats-server."""
+"""The ``conveyor-driver`` command against a real nats-server.
+
+Most tests call it in-process (``run_in_process``, click's CliRunner), so coverage measures
+the CLI; the ``process`` ones run it as a real child where the process is the point: an
+entry point, signals, a driver serving while another command talks to it.
+"""
 
 from __future__ import annotations
 
@@ -15,14 +20,13 @@ from pathlib import Path
 import nats
 import orjson
 import pytest
-from _helpers import invoke, one_error_line
+from _helpers import invoke, one_error_line, run_in_process
 from apps.harness import (
     DriverProcess,
     app,
     clean_env,
     driver_process,
     parse_json_line,
-    run_cli,
 )
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -84,7 +88,7 @@ def _error_after_waiting(stderr: str) -> str:
 )
 async def test_run_with_a_bad_app_prints_one_error_line(target: str, expected: str) -> None:
     # An unused port: the app must be refused before NATS is even tried.
-    done = await run_cli("run", target, "--nats-url", f"nats://127.0.0.1:{free_port()}")
+    done = await run_in_process("run", target, "--nats-url", f"nats://127.0.0.1:{free_port()}")
     assert done.returncode == 1
     assert _one_error_line(done.stderr) == expected
     assert done.stdout == ""
@@ -92,15 +96,16 @@ async def test_run_with_a_bad_app_prints_one_error_line(target: str, expected: s
 
 async def test_run_with_unreachable_nats_prints_one_error_line() -> None:
     url = f"nats://127.0.0.1:{free_port()}"
-    done = await run_cli("run", WORKER, "--nats-url", url, "--startup-timeout", "2")
+    done = await run_in_process("run", WORKER, "--nats-url", url, "--startup-timeout", "2")
     assert done.returncode == 1
     assert _error_after_waiting(done.stderr).startswith(f"Error: cannot reach NATS at {url}: ")
     assert "Traceback" not in done.stdout
 
 
+@pytest.mark.nats
 async def test_run_without_the_messages_stream_prints_one_error_line() -> None:
     async with EmbeddedNats(create_streams=False) as bare:
-        done = await run_cli("run", WORKER, "--nats-url", bare.url, "--startup-timeout", "1")
+        done = await run_in_process("run", WORKER, "--nats-url", bare.url, "--startup-timeout", "1")
     assert done.returncode == 1
     assert _error_after_waiting(done.stderr) == (
         "Error: stream 'messages' does not exist on this NATS server: "
@@ -109,7 +114,7 @@ async def test_run_without_the_messages_stream_prints_one_error_line() -> None:
 
 
 async def test_routes_with_a_bad_app_prints_one_error_line() -> None:
-    done = await run_cli("routes", app("worker_app.py:nope"))
+    done = await run_in_process("routes", app("worker_app.py:nope"))
     assert done.returncode == 1
     assert (
         _one_error_line(done.stderr) == f"Error: {app('worker_app.py')!r} has no attribute 'nope'"
@@ -117,7 +122,7 @@ async def test_routes_with_a_bad_app_prints_one_error_line() -> None:
 
 
 async def test_debug_log_level_shows_the_traceback_of_an_app_error() -> None:
-    done = await run_cli("run", app("broken_app.py"), "--log-level", "debug")
+    done = await run_in_process("run", app("broken_app.py"), "--log-level", "debug")
     assert done.returncode == 1
     lines = done.stderr.splitlines()
     assert lines[0] == "Traceback (most recent call last):"
@@ -125,9 +130,10 @@ async def test_debug_log_level_shows_the_traceback_of_an_app_error() -> None:
     assert lines[-1].startswith("Error: importing ")
 
 
+@pytest.mark.nats
 async def test_debug_log_level_shows_the_traceback_of_a_missing_stream() -> None:
     async with EmbeddedNats(create_streams=False) as bare:
-        done = await run_cli(
+        done = await run_in_process(
             "run", WORKER, "--nats-url", bare.url, "--log-level", "debug", "--startup-timeout", "1"
         )
     assert done.returncode == 1
@@ -159,6 +165,7 @@ async def test_http_port_in_use_is_one_line(
     )
 
 
+@pytest.mark.nats
 @pytest.mark.parametrize("wait", [False, True], ids=["emit", "emit-wait"])
 async def test_emit_without_the_messages_stream_is_one_line(wait: bool) -> None:
     async with EmbeddedNats(create_streams=False) as bare:
@@ -276,6 +283,7 @@ def test_subject_matching_follows_nats_wildcards() -> None:
 # --- entry points ----------------------------------------------------------------------------
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("module", ["conveyor_driver.cli", "conveyor_driver"])
 def test_python_dash_m_runs_the_command(module: str) -> None:
     done = subprocess.run(
@@ -296,7 +304,7 @@ def test_python_dash_m_runs_the_command(module: str) -> None:
 
 
 async def test_routes_lists_handlers_types_events_and_subjects() -> None:
-    done = await run_cli("routes", app("shapes_app.py:routed"))
+    done = await run_in_process("routes", app("shapes_app.py:routed"))
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
     assert done.stdout.splitlines() == [
@@ -321,13 +329,14 @@ def _emitted_run_id(stderr: str, event: str, resource: str) -> str:
     return match.group(1)
 
 
+@pytest.mark.process
 async def test_emit_wait_prints_the_result_of_a_running_driver(
     nats_server: EmbeddedNats,
 ) -> None:
     url = nats_server.url
     async with driver_process(WORKER, "--nats-url", url) as proc:
         await proc.started()
-        done = await run_cli(
+        done = await run_in_process(
             "emit",
             "job",
             "app-1",
@@ -361,6 +370,7 @@ async def test_emit_wait_prints_the_result_of_a_running_driver(
     }
 
 
+@pytest.mark.process
 async def test_environment_variable_sets_the_nats_url_of_run_and_emit(
     nats_server: EmbeddedNats,
 ) -> None:
@@ -368,7 +378,9 @@ async def test_environment_variable_sets_the_nats_url_of_run_and_emit(
     # "worker_app.py" alone: the attribute `driver` is implied.
     async with driver_process(app("worker_app.py"), env=env) as proc:
         started = await proc.started()
-        done = await run_cli("emit", "job", "from-env", "--wait", env=env)
+        done = await run_in_process(
+            "emit", "job", "from-env", "--wait", env={"CONVEYOR_NATS_URL": nats_server.url}
+        )
     assert started["nats"] == nats_server.url
     assert done.returncode == 0, done.stderr
     event = orjson.loads(done.stdout)
@@ -392,7 +404,7 @@ async def test_emit_to_a_driver_publishes_on_its_pipeline_subject(
 ) -> None:
     addressed = await _collect(nats_client, "drivers.builder.resources.job")
     broadcast = await _collect(nats_client, "resources.>")
-    done = await run_cli(
+    done = await run_in_process(
         "emit",
         "job",
         "step-1",
@@ -428,7 +440,9 @@ async def test_emit_refuses_a_spec_that_is_not_json(
     nats_server: EmbeddedNats, nats_client: Client
 ) -> None:
     published = await _collect(nats_client, "resources.>")
-    done = await run_cli("emit", "job", "x", "--spec", "{not json", "--nats-url", nats_server.url)
+    done = await run_in_process(
+        "emit", "job", "x", "--spec", "{not json", "--nats-url", nats_server.url
+    )
     assert done.returncode == 2
     assert done.stderr.splitlines()[-1].startswith("Error: Invalid value for --spec: not JSON: ")
     assert "Traceback" not in done.stderr
@@ -450,6 +464,8 @@ async def _port_open(port: int) -> bool:
     return True
 
 
+@pytest.mark.nats
+@pytest.mark.process
 async def test_embedded_starts_nats_with_the_conveyor_streams_and_stops_it(
     tmp_path: Path,
 ) -> None:
@@ -469,7 +485,7 @@ async def test_embedded_starts_nats_with_the_conveyor_streams_and_stops_it(
                 streams[name] = (config.subjects, config.retention)
         finally:
             await nc.close()
-        done = await run_cli("emit", "job", "on-embedded", "--wait", "--nats-url", url)
+        done = await run_in_process("emit", "job", "on-embedded", "--wait", "--nats-url", url)
         proc.send(signal.SIGTERM)
         code = await proc.wait()
     assert streams == {
@@ -488,13 +504,16 @@ async def test_embedded_starts_nats_with_the_conveyor_streams_and_stops_it(
 
 async def _serve_one_run(proc: DriverProcess, url: str, spec: str) -> str:
     await proc.started()
-    done = await run_cli("emit", "job", "logged", "--spec", spec, "--wait", "--nats-url", url)
+    done = await run_in_process(
+        "emit", "job", "logged", "--spec", spec, "--wait", "--nats-url", url
+    )
     assert done.returncode == 0, done.stderr
     proc.send(signal.SIGTERM)
     assert await proc.wait() == 0, proc.output
     return str(orjson.loads(done.stdout)["run_id"])
 
 
+@pytest.mark.process
 async def test_json_log_format_writes_one_object_per_stderr_line(
     nats_server: EmbeddedNats,
 ) -> None:

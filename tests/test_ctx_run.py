@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from nats.aio.msg import Msg
 
 from conveyor_driver import Context, Driver, Fail, Resource, Result
 from conveyor_driver._reaper import REAPER, Reaper
-from conveyor_driver.commands import CAPTURE_LIMIT
+from conveyor_driver.commands import CAPTURE_LIMIT, run_command
 from conveyor_driver.embedded import EmbeddedNats
 from conveyor_driver.emit import emit_event, watch_results
 from conveyor_driver.testing import FakeContext
@@ -86,6 +87,7 @@ async def test_shell_string_streams_each_line_with_its_stream_and_returns_the_ex
     assert all(entry["level"] == "info" for entry in ctx.logs)
 
 
+@pytest.mark.process
 async def test_argv_list_is_not_split_by_a_shell_and_order_is_kept_per_stream() -> None:
     ctx = fake()
     script = (
@@ -111,6 +113,7 @@ async def test_a_last_line_without_newline_is_still_logged() -> None:
     assert result.stdout == "first\nlast\n"
 
 
+@pytest.mark.process
 async def test_captured_output_keeps_only_the_tail_but_every_line_is_logged() -> None:
     ctx = fake()
     count = 20_000
@@ -131,6 +134,7 @@ async def test_captured_output_keeps_only_the_tail_but_every_line_is_logged() ->
     assert streamed(ctx, "stdout") == lines
 
 
+@pytest.mark.process
 async def test_a_line_longer_than_the_reader_limit_is_split_without_losing_text() -> None:
     ctx = fake()
     script = "import sys; sys.stdout.write('x' * 200_000 + '\\nafter\\n' + 'y' * 70_000 + '\\n')"
@@ -162,17 +166,19 @@ async def test_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
     result = await ctx.run(f"sleep 300 & echo $! > {child}; echo waiting; wait", timeout=2.0)
 
     assert result.timed_out and not result.ok
-    assert result.exit_code == -signal.SIGKILL
+    # SIGTERM first: a build tool gets its chance to clean up (SIGKILL follows if need be).
+    assert result.exit_code == -signal.SIGTERM
     assert streamed(ctx, "stdout") == ["waiting"]
     await wait_dead(await read_pid(child))
     last = ctx.logs[-1]
     assert (last["event"], last["level"], last["timeout"]) == (
-        "command timed out; process group killed",
+        "command timed out; process group stopped",
         "warning",
         2.0,
     )
 
 
+@pytest.mark.process
 async def test_timeout_with_check_raises_fail() -> None:
     ctx = fake()
     with pytest.raises(Fail) as failure:
@@ -180,7 +186,7 @@ async def test_timeout_with_check_raises_fail() -> None:
             [sys.executable, "-c", "import time; time.sleep(300)"], timeout=0.5, check=True
         )
     assert failure.value.message == "command timed out after 0.5s"
-    assert failure.value.data == {"exit_code": -signal.SIGKILL, "stderr": ""}
+    assert failure.value.data == {"exit_code": -signal.SIGTERM, "stderr": ""}
 
 
 async def test_cancelling_the_handler_kills_the_process_group(tmp_path: Path) -> None:
@@ -206,6 +212,7 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
+@pytest.mark.process
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the reaper is Linux-only")
 async def test_a_sigkilled_driver_takes_the_commands_process_group_with_it(
     nats_server: EmbeddedNats, nats_client: Client, tmp_path: Path
@@ -310,6 +317,7 @@ async def test_env_is_added_to_the_environment_and_path_is_kept() -> None:
     assert result.stdout == f"v 1\n{os.environ['PATH']}\n"
 
 
+@pytest.mark.process
 async def test_cwd_is_honoured(tmp_path: Path) -> None:
     ctx = fake()
     workdir = tmp_path / "work"
@@ -352,3 +360,19 @@ async def test_ctx_run_through_the_runtime_streams_to_nats(
     assert sorted(messages[1:3]) == ["built stream=stdout", "careful stream=stderr"]
     assert messages[3].startswith("command finished exit_code=2 duration=")
     assert messages[4] == "run succeeded result=ran"
+
+
+async def test_a_command_ignoring_sigterm_is_killed_after_the_grace(tmp_path: Path) -> None:
+    ctx = fake()
+    child = tmp_path / "child.pid"
+    started = time.monotonic()
+    result = await run_command(
+        ctx.log,
+        f"trap '' TERM; sleep 300 & echo $! > {child}; wait; wait",
+        timeout=0.5,
+        kill_grace=1.0,
+    )
+    assert result.timed_out
+    assert result.exit_code == -signal.SIGKILL
+    assert 1.4 < time.monotonic() - started < 20
+    await wait_dead(await read_pid(child))

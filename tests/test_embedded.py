@@ -20,6 +20,8 @@ from nats.js.api import StreamConfig
 from conveyor_driver.embedded import EmbeddedNats
 from conveyor_driver.errors import EmbeddedServerError
 
+pytestmark = pytest.mark.nats
+
 WORKER = app("worker_app.py:driver")
 #: The driver fails in about a second; before the fix it never ended. Bounded either way.
 QUICKLY = 30.0
@@ -58,6 +60,7 @@ async def _run_embedded(port: int, tmpdir: Path) -> tuple[int, list[str]]:
     return done.returncode, done.stderr_lines
 
 
+@pytest.mark.process
 async def test_a_port_held_by_a_plain_listener_is_one_clear_line(
     plain_listener: int, private_tmp: Path
 ) -> None:
@@ -73,6 +76,7 @@ async def test_a_port_held_by_a_plain_listener_is_one_clear_line(
     assert _left_in(private_tmp) == []
 
 
+@pytest.mark.process
 async def test_a_port_held_by_another_nats_server_is_refused_and_its_streams_untouched(
     private_tmp: Path,
 ) -> None:

@@ -9,7 +9,7 @@ import json
 import threading
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypedDict
 
 import pytest
 import pytest_asyncio
@@ -35,8 +35,16 @@ RUN_KEYS = {
     "resource_name": "app",
 }
 RUN_METADATA = {"run_id": "run-1", "message_id": "msg-1", "event": "create", "resource_name": "app"}
+
+
 # Small backoffs: retries must happen, but a test must not wait Promtail-sized delays.
-FAST = {"min_backoff": 0.01, "max_backoff": 0.05, "batch_wait": 0.02}
+class _Fast(TypedDict):
+    min_backoff: float
+    max_backoff: float
+    batch_wait: float
+
+
+FAST: _Fast = {"min_backoff": 0.01, "max_backoff": 0.05, "batch_wait": 0.02}
 
 
 @pytest_asyncio.fixture
@@ -311,7 +319,7 @@ async def test_lines_from_many_threads_reach_loki_in_time_order(receiver: LokiRe
     threads = [threading.Thread(target=write, args=(n,)) for n in range(4)]
     for thread in threads:
         thread.start()
-    await asyncio.to_thread(lambda: [t.join() for t in threads])
+    await asyncio.gather(*(asyncio.to_thread(t.join) for t in threads))
     await shipping.sink.close()
 
     # The receiver refuses a push whose stream is out of time order.

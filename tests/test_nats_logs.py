@@ -20,6 +20,7 @@ from typing import Any
 import nats
 import nats.errors
 import orjson
+import pytest
 from _helpers import TIMEOUT, driver_message, publish, raw_results, resource_json, wait_until
 from apps.harness import CLI, DriverProcess, app, clean_env
 from nats.aio.client import Client
@@ -331,6 +332,7 @@ async def test_a_line_over_max_payload_is_truncated_and_the_runs_after_it_still_
     assert [line["message"] for line in huge_live] == messages_of(stored, huge_id)
 
 
+@pytest.mark.nats
 async def test_the_limit_comes_from_the_server_and_counts_the_trace_headers() -> None:
     limit = 64 * 1024
     async with nats_server_with_max_payload(limit) as url:
@@ -427,6 +429,7 @@ async def test_close_past_its_deadline_counts_what_is_left_and_a_second_close_is
     assert (direct.sink.sent, direct.sink.dropped) == (0, 5)
 
 
+@pytest.mark.process
 async def test_a_driver_process_logging_a_2mb_line_keeps_shipping_and_stops_cleanly(
     nats_server: EmbeddedNats, nats_client: Client
 ) -> None:

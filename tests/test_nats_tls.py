@@ -22,8 +22,8 @@ import nats
 import pytest
 from _certs import Pki, make_ca, make_leaf, make_pki, write_pem
 from _conveyor_api_server import ConveyorAPIServer
-from _helpers import TIMEOUT, wait_until
-from apps.harness import app, run_cli
+from _helpers import TIMEOUT, run_in_process, wait_until
+from apps.harness import app
 from nats.aio.client import Client
 from nats.js.api import ConsumerConfig
 from nats.js.errors import NotFoundError
@@ -33,6 +33,8 @@ from conveyor_driver.embedded import EmbeddedNats, find_nats_server, free_port
 from conveyor_driver.emit import emit_event, watch_results
 from conveyor_driver.errors import NatsUnavailableError
 from conveyor_driver.models import Resource
+
+pytestmark = pytest.mark.nats  # every test here runs a TLS nats-server
 
 
 @attrs.frozen
@@ -283,15 +285,15 @@ async def test_cli_emit_and_status_speak_tls(ec_nats: TLSNats) -> None:
             protocol.MESSAGES_STREAM,
             ConsumerConfig(durable_name="probe", filter_subject="resources.pipeline"),
         )
-        emitted = await run_cli("emit", "pipeline", "app", "--spec", '{"n": 1}', *tls_args)
+        emitted = await run_in_process("emit", "pipeline", "app", "--spec", '{"n": 1}', *tls_args)
         assert emitted.returncode == 0, emitted.stderr
         assert emitted.stderr.startswith("emitted create pipeline/app run_id=")
         sub = await js.pull_subscribe_bind("probe", protocol.MESSAGES_STREAM)
         [msg] = await sub.fetch(1, timeout=TIMEOUT)
         assert msg.subject == "resources.pipeline"
 
-        status = await run_cli("status", app("worker_app.py:driver"), *tls_args)
-        refused = await run_cli("emit", "pipeline", "app", "--nats-url", ec_nats.url)
+        status = await run_in_process("status", app("worker_app.py:driver"), *tls_args)
+        refused = await run_in_process("emit", "pipeline", "app", "--nats-url", ec_nats.url)
     # Connected over TLS: what is missing is the worker's consumer, not a secure connection.
     assert status.returncode == 1
     assert status.stderr_lines[0].startswith("Error: consumer 'worker' not found")

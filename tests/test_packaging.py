@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from _readme import README, parse, run_project, write_project
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.slow, pytest.mark.process, pytest.mark.timeout(900)]
 
 ROOT = Path(__file__).resolve().parent.parent
 STEP_TIMEOUT = 300  # seconds for one build or one pip install, downloads included

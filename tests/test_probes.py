@@ -211,6 +211,7 @@ def test_http_port_is_read_from_the_environment() -> None:
     assert Settings.from_env({}).http_port is None
 
 
+@pytest.mark.process
 async def test_metrics_are_served_as_prometheus_text_by_the_cli(
     nats_server: EmbeddedNats, nats_client: Client
 ) -> None:

@@ -18,6 +18,8 @@ from conveyor_driver.embedded import EmbeddedNats
 from conveyor_driver.emit import ResultWatch, emit_event, watch_results
 from conveyor_driver.models import Resource
 
+pytestmark = pytest.mark.process
+
 PATIENT = app("worker_app.py:driver")  # grace_period 30 s
 IMPATIENT = app("worker_app.py:impatient")  # grace_period 0.5 s, same consumer
 SLOW = {"sleep": 5}
@@ -59,7 +61,8 @@ async def test_two_processes_share_the_work_and_none_is_done_twice(
         # Delivered 40 times in all: no message went to both processes.
         assert info.delivered.consumer_seq == 40
 
-        handled_by: collections.Counter[int] = collections.Counter()
+        # the pids, as the JSON gave them
+        handled_by: collections.Counter[object] = collections.Counter()
         for run_id in run_ids:
             results = _results(watch, run_id)
             assert len(results) == 1, (run_id, results)

@@ -17,6 +17,7 @@ from _readme import README, parse, python_blocks, run_project, write_project
 NOT_TESTED = 0
 
 
+@pytest.mark.process
 def test_every_python_block_of_the_readme_runs_as_a_test(tmp_path: Path) -> None:
     blocks = parse(README.read_text())
     project = write_project(blocks, tmp_path)

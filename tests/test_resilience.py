@@ -74,6 +74,7 @@ async def test_a_graceful_stop_hands_runs_back_once_without_bouncing_them(
         await wait_until(lambda: len(started) == 2, what="both runs started")
     info = await consumer_info(nats_client, "bouncer")
     # Two messages, two deliveries: nothing came back into the stopping process.
+    assert info.delivered is not None
     assert info.delivered.consumer_seq == 2
     assert info.num_ack_pending == 2  # nak'ed, waiting for the next instance
 
@@ -213,6 +214,7 @@ async def test_base_exceptions_fail_the_run_and_the_driver_carries_on(
     assert results.for_run(good)[0]["driverresult"]["data"] == "fine"
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("kind", ["async-job", "sync-job"])
 async def test_a_handler_raising_system_exit_does_not_stop_the_process(
     nats_server: EmbeddedNats, nats_client: Client, kind: str
@@ -236,6 +238,7 @@ async def test_a_handler_raising_system_exit_does_not_stop_the_process(
     assert [line for line in proc.stderr_lines if line and not parse_json_line(line)] == []
 
 
+@pytest.mark.nats
 async def test_start_up_waits_for_nats_that_comes_up_later() -> None:
     driver = Driver("patient")
 
@@ -290,6 +293,7 @@ async def test_start_up_waits_for_the_stream_to_be_created(nats_server: Embedded
         await nc.close()
 
 
+@pytest.mark.nats
 async def test_jetstream_switched_off_is_one_clear_line_at_once(tmp_path: Any) -> None:
     driver = Driver("nojs")
 
@@ -369,3 +373,33 @@ async def _wait_listening(port: int) -> None:
         return True
 
     await wait_until(listening, what=f"nats-server on {port}")
+
+
+async def test_a_cancellation_lost_during_start_up_still_stops_the_driver(
+    nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Python 3.11's ``asyncio.wait_for`` (under every nats-py request) can drop a
+    cancellation that lands as the answer arrives; serving on forever is not an option."""
+    from conveyor_driver.runtime.ledger import RunLedger
+
+    opening = asyncio.Event()
+    real_open = RunLedger.open
+
+    async def open_dropping_a_cancel(*args: Any, **kwargs: Any) -> Any:
+        opening.set()
+        with contextlib.suppress(asyncio.CancelledError):  # as wait_for may do
+            await asyncio.sleep(30)
+        return await real_open(*args, **kwargs)
+
+    monkeypatch.setattr(RunLedger, "open", open_dropping_a_cancel)
+    driver = Driver("cancelled-early")
+
+    @driver.on("pipeline")
+    async def build(ctx: Context) -> None:
+        return None
+
+    serving = asyncio.create_task(driver.serve(Settings(nats_urls=nats_server.url)))
+    await asyncio.wait_for(opening.wait(), TIMEOUT)
+    serving.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(serving, TIMEOUT)

@@ -418,7 +418,7 @@ async def test_concurrency_limits_running_and_held_messages(
     async with raw_results(nats_client) as results, running(driver, nats_server.url):
         run_ids = [await send(nats_client, resource_json(f"app-{i}")) for i in range(10)]
         await wait_until(lambda: running_now == 4, what="four handlers running")
-        held: list[tuple[int, int]] = []
+        held: list[tuple[int | None, int | None]] = []
         # Sample while blocked: pulling only for free slots, the instance holds 4, not 10.
         for _ in range(10):
             info = await consumer_info(nats_client, "parallel")
@@ -499,6 +499,7 @@ async def test_driver_keeps_consuming_after_a_nats_restart(
     assert seen == [before, after]
 
 
+@pytest.mark.nats
 async def test_missing_stream_is_one_clear_line() -> None:
     driver = Driver("orphan")
 

@@ -113,6 +113,22 @@ CASES = [
         ("0", "-1", "soon"),
     ),
     Case(
+        "CONVEYOR_TIMEOUT",
+        "--timeout",
+        "600",
+        600.0,
+        lambda s: s.timeout,
+        ("0", "-5", "forever"),
+    ),
+    Case(
+        "CONVEYOR_BLOCK_THRESHOLD",
+        "--block-threshold",
+        "0.5",
+        0.5,
+        lambda s: s.block_threshold,
+        ("0", "-2", "long"),
+    ),
+    Case(
         "CONVEYOR_LOKI_URL",
         "--loki-url",
         "http://loki:3100",

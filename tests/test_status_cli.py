@@ -5,10 +5,18 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from _helpers import TIMEOUT, driver_message, resource_json, settled, wait_until
-from apps.harness import Completed, app, run_cli
+from _helpers import (
+    TIMEOUT,
+    driver_message,
+    resource_json,
+    run_in_process,
+    settled,
+    wait_until,
+)
+from apps.harness import Completed, app
 from apps.worker_app import driver as worker
 from nats.aio.client import Client
+from nats.js.api import ConsumerInfo
 
 from conveyor_driver import protocol
 from conveyor_driver.embedded import EmbeddedNats, free_port
@@ -70,7 +78,7 @@ async def test_status_shows_the_backlog_of_a_stopped_driver(
     assert again.metadata.num_delivered == 2
     await sub.unsubscribe()
 
-    status = rows(await run_cli("status", WORKER, "--nats-url", nats_server.url))
+    status = rows(await run_in_process("status", WORKER, "--nats-url", nats_server.url))
     assert status["consumer"] == "worker on stream messages"
     assert status["subjects"] == "resources.job, drivers.worker.resources.job"
     assert status["pending"] == "2 waiting to be delivered"
@@ -93,7 +101,7 @@ async def test_status_of_a_running_driver_that_drained_its_backlog(
         await wait_until(lambda: settled(nats_client, "worker"), what="backlog drained")
         # Idle, the driver keeps one pull request open for its one free slot.
         await wait_until(lambda: _one_pull_waiting(nats_client), what="a pull request waiting")
-        status = rows(await run_cli("status", WORKER, "--nats-url", nats_server.url))
+        status = rows(await run_in_process("status", WORKER, "--nats-url", nats_server.url))
 
     assert status["pending"] == "0 waiting to be delivered"
     assert status["ack pending"] == "0 delivered, not yet acknowledged"
@@ -104,14 +112,14 @@ async def test_status_of_a_running_driver_that_drained_its_backlog(
 
 
 async def _one_pull_waiting(nc: Client) -> bool:
-    info = await nc.jetstream().consumer_info(protocol.MESSAGES_STREAM, "worker")
+    info: ConsumerInfo = await nc.jetstream().consumer_info(protocol.MESSAGES_STREAM, "worker")
     return info.num_waiting == 1
 
 
 async def test_status_of_a_driver_whose_consumer_does_not_exist_is_one_line(
     nats_server: EmbeddedNats,
 ) -> None:
-    completed = await run_cli("status", WORKER, "--nats-url", nats_server.url)
+    completed = await run_in_process("status", WORKER, "--nats-url", nats_server.url)
     assert completed.returncode == 1
     assert completed.stdout == ""
     assert completed.stderr_lines == [
@@ -122,7 +130,7 @@ async def test_status_of_a_driver_whose_consumer_does_not_exist_is_one_line(
 
 async def test_status_with_nats_unreachable_is_one_line() -> None:
     url = f"nats://127.0.0.1:{free_port()}"
-    completed = await run_cli("status", WORKER, "--nats-url", url)
+    completed = await run_in_process("status", WORKER, "--nats-url", url)
     assert completed.returncode == 1
     assert completed.stdout == ""
     [line] = completed.stderr_lines

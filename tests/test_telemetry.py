@@ -10,7 +10,7 @@ import secrets
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
 import attrs
@@ -23,8 +23,9 @@ from apps.harness import app, clean_env, driver_process
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from opentelemetry import metrics, trace
-from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.util.types import AnyValue
 
 from conveyor_driver import Context, Driver, Fail, Result, Retry, protocol
 from conveyor_driver.embedded import EmbeddedNats, free_port
@@ -87,20 +88,32 @@ def messages(msgs: list[Msg]) -> list[str]:
 
 def by_attempt(spans: list[ReadableSpan], resource_name: str) -> list[ReadableSpan]:
     """The run spans of one resource, in delivery order."""
-    mine = [s for s in spans if s.attributes["conveyor.resource.name"] == resource_name]
-    return sorted(mine, key=lambda s: s.attributes["conveyor.attempt"])
+    mine = [s for s in spans if attributes(s)["conveyor.resource.name"] == resource_name]
+    return sorted(mine, key=attempt)
+
+
+def attributes(span: ReadableSpan | Event) -> Mapping[str, AnyValue]:
+    """A span's (or event's) attributes, which the SDK always sets on a finished span."""
+    assert span.attributes is not None, span
+    return span.attributes
+
+
+def attempt(span: ReadableSpan) -> int:
+    value = attributes(span)["conveyor.attempt"]
+    assert isinstance(value, int), value
+    return value
 
 
 def summary(span: ReadableSpan) -> tuple[Any, ...]:
     """What a span says about its run: attempt, outcome, status and exception events."""
     exceptions = [
-        (event.attributes["exception.type"], event.attributes["exception.message"])
+        (attributes(event)["exception.type"], attributes(event)["exception.message"])
         for event in span.events
         if event.name == "exception"
     ]
     return (
-        span.attributes["conveyor.attempt"],
-        span.attributes["conveyor.outcome"],
+        attributes(span)["conveyor.attempt"],
+        attributes(span)["conveyor.outcome"],
         span.status.status_code,
         span.status.description,
         exceptions,
@@ -174,7 +187,7 @@ async def test_an_untraced_message_starts_a_new_trace(
     [span] = otel.spans("process pipeline")
     assert span.parent is None
     assert span.context.is_valid
-    assert span.attributes["messaging.destination.name"] == "resources.pipeline"
+    assert attributes(span)["messaging.destination.name"] == "resources.pipeline"
 
 
 async def test_the_result_and_every_log_line_of_the_run_carry_its_context(
@@ -374,14 +387,14 @@ async def test_undecodable_messages_are_terminated_and_unhandled_broadcasts_skip
     undecodable = [s for s in otel.spans() if "conveyor.run_id" not in (s.attributes or {})]
     [garbage] = undecodable
     assert garbage.name == "process pipeline"
-    assert garbage.attributes["conveyor.outcome"] == "undecodable"
+    assert attributes(garbage)["conveyor.outcome"] == "undecodable"
     assert garbage.status.status_code is StatusCode.ERROR
     assert "messaging.message.id" not in (garbage.attributes or {})
     [routeless] = [s for s in otel.spans() if s is not garbage]
-    assert routeless.attributes["conveyor.run_id"] == run_id
-    assert routeless.attributes["conveyor.event"] == "delete"
+    assert attributes(routeless)["conveyor.run_id"] == run_id
+    assert attributes(routeless)["conveyor.event"] == "delete"
     # A broadcast event no handler takes is skipped (acked), not an error.
-    assert routeless.attributes["conveyor.outcome"] == "skipped"
+    assert attributes(routeless)["conveyor.outcome"] == "skipped"
     runs = points(otel.metrics(), "conveyor.driver.runs")
     assert {key: p.value for key, p in runs.items()} == {
         (("outcome", "terminated"),): 1,
@@ -423,7 +436,7 @@ async def test_a_command_is_a_child_span_and_its_lines_carry_it(
         "process.exit.code": 0,
     }
     assert echo.status.status_code is StatusCode.UNSET
-    assert failing.attributes["process.exit.code"] == 3
+    assert attributes(failing)["process.exit.code"] == 3
     assert failing.status.status_code is StatusCode.ERROR
 
     records = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
@@ -458,8 +471,8 @@ async def test_an_api_request_is_a_client_span_whose_context_goes_in_its_headers
 
     run_id, body = driver_message(resource_json("app"))
     try:
-        settings = {"api_url": f"http://127.0.0.1:{port}"}
-        async with running(driver, nats_server.url, **settings), raw_results(nats_client) as rr:
+        base = f"http://127.0.0.1:{port}"
+        async with running(driver, nats_server.url, api_url=base), raw_results(nats_client) as rr:
             await publish_traced(nats_client, "resources.pipeline", body, Parent())
             await rr.wait(run_id)
     finally:
@@ -508,6 +521,7 @@ print(
 """
 
 
+@pytest.mark.process
 def test_no_op_providers_an_application_chose_mean_telemetry_off_and_are_kept() -> None:
     # A process of its own: this one has SDK providers set for good.
     done = subprocess.run(
@@ -528,6 +542,7 @@ def env_without_otel(**extra: str) -> dict[str, str]:
     return env
 
 
+@pytest.mark.process
 async def test_without_the_sdk_runs_work_and_the_result_passes_the_context_on(
     nats_server: EmbeddedNats, nats_client: Client
 ) -> None:
@@ -550,10 +565,11 @@ async def test_without_the_sdk_runs_work_and_the_result_passes_the_context_on(
     by_run = {json.loads(msg.data)["run_id"]: msg for msg in results}
     assert all(json.loads(msg.data)["driverresult"]["success"] for msg in results)
     # No SDK, no span of the run's own: the caller's context goes on with the result as is.
-    assert by_run[traced_run].headers is not None
-    assert by_run[traced_run].headers["traceparent"] == parent.traceparent
-    assert by_run[plain_run].headers is not None
-    assert "traceparent" not in by_run[plain_run].headers
+    traced_headers, plain_headers = by_run[traced_run].headers, by_run[plain_run].headers
+    assert traced_headers is not None
+    assert traced_headers["traceparent"] == parent.traceparent
+    assert plain_headers is not None
+    assert "traceparent" not in plain_headers
 
     def events(run_id: str) -> list[tuple[object, ...]]:
         return [
@@ -637,6 +653,7 @@ async def otlp_receiver() -> AsyncIterator[tuple[OtlpReceiver, str]]:
         await runner.cleanup()
 
 
+@pytest.mark.process
 async def test_run_exports_traces_and_metrics_over_otlp_when_otel_env_asks(
     nats_server: EmbeddedNats, nats_client: Client
 ) -> None:

@@ -127,6 +127,22 @@ class Consumer:
         ]
         self._wake.set()
 
+    def describe(self, task: asyncio.Task[object] | None) -> dict[str, object]:
+        """Which run ``task`` is, for the loop watchdog (called from its thread: reads only)."""
+        msg = self._running.get(task) if task is not None else None  # type: ignore[arg-type]
+        if msg is None:
+            return {"task": task.get_name()} if task is not None else {}
+        found: dict[str, object] = {"subject": msg.subject}
+        with contextlib.suppress(orjson.JSONDecodeError, AttributeError, TypeError):
+            body = orjson.loads(msg.data)
+            found["run_id"] = body["run_id"]
+            payload = body["payload"]
+            payload = orjson.loads(payload) if isinstance(payload, str) else payload
+            route = self._driver.route_for(str(payload.get("resource")), str(body["event"]))
+            if route is not None:
+                found["handler"] = route.name
+        return found
+
     def connection_restored(self) -> None:
         """Pull requests do not survive a reconnect: forget them and ask again."""
         self._requested = 0

@@ -11,7 +11,7 @@ import contextvars
 import functools
 import time
 from collections.abc import Awaitable, Mapping
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -73,12 +73,32 @@ class Processed:
 @attrs.frozen
 class Services:
     """What the runtime hands every run: the driver logger, the API client, the driver's
-    telemetry, a thread pool."""
+    telemetry, a thread pool.
+
+    ``timeout`` is the operator's default deadline (``--timeout``), in place of the
+    driver's; a handler's own ``timeout=`` still wins, being the more specific.
+    """
 
     log: FilteringBoundLogger
     api: ConveyorClient
     telemetry: Telemetry
     executor: Executor | None = None
+    timeout: float | None = None
+
+
+class HandlerThreads(ThreadPoolExecutor):
+    """The threads sync handlers run in; one abandoned at its deadline is replaced.
+
+    A thread cannot be cancelled. A sync handler still running at its deadline is left to
+    finish, and the pool grows by one so that it does not hold a slot the next run needs.
+    """
+
+    abandoned = 0
+
+    def abandon(self) -> None:
+        self.abandoned += 1
+        # The pool starts threads on demand up to this bound: raising it lends one more.
+        self._max_workers += 1
 
 
 async def process(driver: Driver, delivery: Delivery, services: Services) -> Processed:
@@ -188,6 +208,7 @@ async def _decide(
         log.error("run gave up", attempt=delivery.attempt, reason=outcome.result)
         return Processed(outcome, message), None
 
+    timeout = _timeout_of(route, driver, services)
     ctx = Context(
         driver=driver.name,
         event=message.event,
@@ -198,13 +219,18 @@ async def _decide(
         resource=resource,
         log=log,
         api=services.api,
+        deadline=time.monotonic() + timeout if timeout is not None else None,
+        kill_grace=driver.kill_grace,
     )
     log.debug("run started", attempt=delivery.attempt, handler=route.name)
     inflight = services.telemetry.inflight
     inflight.add(1)
     try:
         with run_scope(log):
-            value = await _call(route, ctx, services.executor)
+            if timeout is None:
+                value = await _call(route, ctx, services.executor)
+            else:
+                value = await _call_until(route, ctx, services.executor, timeout, log)
     except BaseException as exc:
         # SystemExit, KeyboardInterrupt & co. raised by a handler are its failure, not a
         # request to stop the driver: signals reach the runtime through its own handlers.
@@ -247,6 +273,50 @@ def _unrouted(
 def _cancelling() -> bool:
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
+
+
+def _timeout_of(route: Route, driver: Driver, services: Services) -> float | None:
+    if route.timeout is not None:
+        return route.timeout
+    return services.timeout if services.timeout is not None else driver.timeout
+
+
+async def _call_until(
+    route: Route,
+    ctx: Context,
+    executor: Executor | None,
+    timeout: float,
+    log: FilteringBoundLogger,
+) -> Any:
+    """The handler's value, or :class:`~conveyor_driver.outcomes.TimedOut` at the deadline.
+
+    An async handler is cancelled there (its ``ctx.run`` commands are stopped as it
+    unwinds). A sync one cannot be: its outcome is decided at the deadline all the same,
+    and its thread is abandoned to finish on its own.
+    """
+    if route.is_async:
+        try:
+            async with asyncio.timeout(timeout) as window:
+                return await route.handler(ctx)  # type: ignore[misc]  # is_async: a coroutine
+        except TimeoutError:
+            if window.expired():
+                raise outcomes.TimedOut(timeout) from None
+            raise  # the handler's own TimeoutError, before its deadline
+    future = asyncio.ensure_future(_call(route, ctx, executor))
+    try:
+        return await asyncio.wait_for(asyncio.shield(future), timeout)
+    except TimeoutError:
+        if future.done():  # finished at the last moment, or raised TimeoutError itself
+            return future.result()
+    if isinstance(executor, HandlerThreads):
+        executor.abandon()
+    log.warning(
+        "sync handler abandoned at its deadline; its thread runs on until it returns",
+        handler=route.name,
+        timeout=timeout,
+        abandoned_threads=executor.abandoned if isinstance(executor, HandlerThreads) else None,
+    )
+    raise outcomes.TimedOut(timeout)
 
 
 def _call(route: Route, ctx: Context, executor: Executor | None) -> Awaitable[Any]:

@@ -9,16 +9,24 @@ redeliveries):
 
 - ``handbacks``: deliveries returned unrun or cut short by a stopping process; the real
   attempt of a delivery is its delivery count less these;
-- ``errors``: what each failed attempt raised, so a final failure names every attempt.
+- ``errors``: what each failed attempt raised, so a final failure names every attempt;
+- ``state``: ``running`` (a long run keeps its lease fresh), ``decided`` (the result is
+  recorded, maybe not yet stored by the server) or ``reported`` (stored, and acked or
+  about to be), with the result itself once decided.
 
-A message that is delivered for the first time has no record, and the happy path never
-reads or writes one: the ledger costs nothing until something goes wrong. Records expire
-with the bucket's TTL, long after JetStream has given up on their message.
+Every write is a compare-and-set on the record's revision, which makes the revision a
+fencing token: an instance that was paused past ``ack_wait`` while JetStream handed its
+delivery to another learns, when it tries to record its result, that someone else
+decided first (:class:`Fenced`), and publishes nothing. A redelivery of a decided run
+re-publishes the recorded result (same ``Nats-Msg-Id``) instead of running the handler;
+one of a reported run is acked at once. Records expire with the bucket's TTL, long after
+JetStream has given up on their message.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import TYPE_CHECKING
 
 import attrs
@@ -31,6 +39,8 @@ from structlog.typing import FilteringBoundLogger
 from .. import protocol
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from nats.js.client import JetStreamContext
     from nats.js.kv import KeyValue
 
@@ -41,13 +51,47 @@ _WRITE_PATIENCE = 10.0
 _STOPPED_MID_RUN = "the driver stopped mid-run (no outcome recorded)"
 
 
+RUNNING = "running"
+DECIDED = "decided"
+REPORTED = "reported"
+
+
+class Fenced(Exception):
+    """Another instance decided this delivery first: this one must publish nothing."""
+
+    def __init__(self, record: RunRecord) -> None:
+        super().__init__(
+            f"run already decided by instance {record.instance or '?'} at "
+            f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(record.at))}"
+        )
+        self.record = record
+
+
 @attrs.frozen
 class RunRecord:
-    """The ledger's knowledge of one message; ``run_id`` guards against a reused sequence."""
+    """The ledger's knowledge of one message; ``run_id`` guards against a reused sequence.
+
+    ``revision`` is the bucket's revision of the record as read (0: no record), the token
+    every compare-and-set write is made against; it is not stored in the record.
+    """
 
     run_id: str = ""
     handbacks: int = 0
     errors: dict[int, str] = attrs.field(factory=dict)
+    state: str = ""
+    #: The result event as published, once decided (JSON text).
+    result: str = ""
+    #: Who changed the state last, and when (Unix time).
+    instance: str = ""
+    at: float = 0.0
+    #: Redeliveries acked without running, and late finishers that published nothing.
+    duplicates: int = 0
+    fenced: int = 0
+    revision: int = attrs.field(default=0, eq=False)
+
+    @property
+    def finished(self) -> bool:
+        return self.state in (DECIDED, REPORTED)
 
     def attempt(self, delivered: int) -> int:
         """The real attempt a delivery is: hand-backs were deliveries, not attempts."""
@@ -58,31 +102,45 @@ class RunRecord:
         return tuple(self.errors.get(n, _STOPPED_MID_RUN) for n in range(1, attempt))
 
     def encode(self) -> bytes:
-        return orjson.dumps(
-            {
-                "run_id": self.run_id,
-                "handbacks": self.handbacks,
-                "errors": {str(n): text for n, text in self.errors.items()},
-            }
-        )
+        body = attrs.asdict(self, filter=lambda field, value: field.name != "revision")
+        body["errors"] = {str(n): text for n, text in self.errors.items()}
+        return orjson.dumps(body)
 
     @classmethod
-    def decode(cls, data: bytes) -> RunRecord:
+    def decode(cls, data: bytes, revision: int = 0) -> RunRecord:
         body = orjson.loads(data)
         errors = {int(n): str(text) for n, text in dict(body.get("errors") or {}).items()}
-        return cls(str(body.get("run_id", "")), int(body.get("handbacks", 0)), errors)
+        return cls(
+            run_id=str(body.get("run_id", "")),
+            handbacks=int(body.get("handbacks", 0)),
+            errors=errors,
+            state=str(body.get("state", "")),
+            result=str(body.get("result", "")),
+            instance=str(body.get("instance", "")),
+            at=float(body.get("at", 0.0)),
+            duplicates=int(body.get("duplicates", 0)),
+            fenced=int(body.get("fenced", 0)),
+            revision=revision,
+        )
 
 
 class RunLedger:
     """The driver's bucket; every method is weather-proof or says plainly that it failed."""
 
-    def __init__(self, kv: KeyValue, log: FilteringBoundLogger) -> None:
+    def __init__(self, kv: KeyValue, log: FilteringBoundLogger, instance: str = "") -> None:
         self._kv = kv
         self._log = log
+        #: This process, as named in the records it writes (host and pid by default).
+        self.instance = instance
 
     @classmethod
     async def open(
-        cls, js: JetStreamContext, driver: str, log: FilteringBoundLogger, ttl: float = DEFAULT_TTL
+        cls,
+        js: JetStreamContext,
+        driver: str,
+        log: FilteringBoundLogger,
+        ttl: float = DEFAULT_TTL,
+        instance: str = "",
     ) -> RunLedger:
         """Create (or reuse) the bucket, replicated like the stream whose messages it tracks."""
         info = await js.stream_info(protocol.MESSAGES_STREAM)
@@ -93,7 +151,7 @@ class RunLedger:
             ttl=ttl,
             replicas=info.config.num_replicas or 1,
         )
-        return cls(await js.create_key_value(config), log)
+        return cls(await js.create_key_value(config), log, instance)
 
     async def read(self, sequence: int, run_id: str) -> RunRecord:
         """The record of a redelivered message; retried until it answers (weather).
@@ -104,7 +162,7 @@ class RunLedger:
         delay = 0.1
         while True:
             try:
-                return (await self._get(sequence, run_id))[0]
+                return await self._get(sequence, run_id)
             except (NatsError, TimeoutError) as exc:
                 self._log.warning("run ledger unavailable; waiting", error=str(exc) or "timeout")
                 await asyncio.sleep(delay)
@@ -120,45 +178,121 @@ class RunLedger:
             sequence, run_id, lambda r: attrs.evolve(r, errors={**r.errors, attempt: error})
         )
 
-    async def _get(self, sequence: int, run_id: str) -> tuple[RunRecord, int]:
+    async def decide(self, record: RunRecord, sequence: int, result: bytes) -> RunRecord:
+        """Record the run's result before it is published; :class:`Fenced` if too late.
+
+        ``record`` is what this instance read when it started the run (``RunRecord(run_id)``
+        for a first delivery). Weather is waited out, with capped backoff, for as long as
+        it lasts: a result is never dropped, and never published unrecorded. Returns the
+        record as written, whose revision :meth:`mark_reported` builds on.
+        """
+        delay = 0.05
+        while True:
+            decided = attrs.evolve(
+                record,
+                state=DECIDED,
+                result=result.decode(),
+                instance=self.instance,
+                at=time.time(),
+            )
+            try:
+                revision = await self._write(sequence, decided, record.revision)
+                return attrs.evolve(decided, revision=revision)
+            except KeyWrongLastSequenceError:
+                record = await self.read(sequence, record.run_id)
+                if record.finished:
+                    await self._change(
+                        sequence, record.run_id, lambda r: attrs.evolve(r, fenced=r.fenced + 1)
+                    )
+                    raise Fenced(record) from None
+            except (NatsError, TimeoutError) as exc:
+                self._log.warning(
+                    "run ledger unavailable; result waits", error=str(exc) or "timeout"
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def renew(self, record: RunRecord, sequence: int) -> RunRecord:
+        """Keep a long run's lease fresh (beside its in-progress acks); :class:`Fenced` if
+        another instance decided it meanwhile. Weather leaves the lease as it was."""
+        running = attrs.evolve(record, state=RUNNING, instance=self.instance, at=time.time())
+        try:
+            return attrs.evolve(
+                running, revision=await self._write(sequence, running, record.revision)
+            )
+        except KeyWrongLastSequenceError:
+            current = await self.read(sequence, record.run_id)
+            if current.finished:
+                raise Fenced(current) from None
+            return current  # hand-backs or errors of others: the lease goes on from here
+        except (NatsError, TimeoutError):
+            return record
+
+    async def mark_reported(self, record: RunRecord, sequence: int) -> None:
+        """The server has the result: a later redelivery is acked without re-publishing."""
+        await self._change(
+            sequence, record.run_id, lambda r: attrs.evolve(r, state=REPORTED, at=time.time())
+        )
+
+    async def note_duplicate(self, sequence: int, run_id: str) -> None:
+        """A redelivery of a finished run was acked without running (counted for status)."""
+        await self._change(sequence, run_id, lambda r: attrs.evolve(r, duplicates=r.duplicates + 1))
+
+    async def summary(self) -> dict[str, int]:
+        """Counts over every record, for ``conveyor-driver status``."""
+        counts = {"finished": 0, "running": 0, "fenced": 0, "skipped_as_duplicate": 0}
+        watcher = await self._kv.watchall(ignore_deletes=True)
+        # nats-py leaves the watcher's methods unannotated.
+        try:
+            while (entry := await watcher.updates(timeout=5.0)) is not None:  # type: ignore[no-untyped-call]
+                record = RunRecord.decode(entry.value or b"{}")
+                counts["finished"] += record.finished
+                counts["running"] += record.state == RUNNING
+                counts["fenced"] += record.fenced
+                counts["skipped_as_duplicate"] += record.duplicates
+        finally:
+            await watcher.stop()  # type: ignore[no-untyped-call]
+        return counts
+
+    async def _write(self, sequence: int, record: RunRecord, revision: int) -> int:
+        if revision:
+            return int(await self._kv.update(str(sequence), record.encode(), last=revision))
+        return int(await self._kv.create(str(sequence), record.encode()))
+
+    async def _get(self, sequence: int, run_id: str) -> RunRecord:
         try:
             entry = await self._kv.get(str(sequence))
         except KeyNotFoundError:
-            return RunRecord(run_id), 0
-        record = RunRecord.decode(entry.value or b"{}")
+            return RunRecord(run_id)
+        record = RunRecord.decode(entry.value or b"{}", entry.revision or 0)
         if record.run_id != run_id:  # the stream was recreated and the sequence reused
-            return RunRecord(run_id), entry.revision or 0
-        return record, entry.revision or 0
+            return RunRecord(run_id, revision=record.revision)
+        return record
 
-    async def _change(self, sequence: int, run_id: str, change: _Change) -> None:
+    async def _change(
+        self, sequence: int, run_id: str, change: Callable[[RunRecord], RunRecord]
+    ) -> None:
         """Compare-and-set, retried on conflicts and weather for a bounded time."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + _WRITE_PATIENCE
         delay = 0.05
         while True:
             try:
-                record, revision = await self._get(sequence, run_id)
-                value = change(record).encode()
-                if revision:
-                    await self._kv.update(str(sequence), value, last=revision)
-                else:
-                    await self._kv.create(str(sequence), value)
-                return
-            except KeyWrongLastSequenceError:
-                continue
+                record = await self._get(sequence, run_id)
+                await self._write(sequence, change(record), record.revision)
+            except KeyWrongLastSequenceError as exc:
+                conflict: Exception = exc  # another instance wrote first: read again
             except (NatsError, TimeoutError) as exc:
-                if loop.time() > deadline:
-                    self._log.warning(
-                        "run ledger not written: this delivery may count as an attempt",
-                        sequence=sequence,
-                        error=str(exc) or "timeout",
-                    )
-                    return
+                conflict = exc
+            else:
+                return
+            if loop.time() > deadline:
+                self._log.warning(
+                    "run ledger not written: this delivery may count as an attempt",
+                    sequence=sequence,
+                    error=str(conflict) or "timeout",
+                )
+                return
+            if not isinstance(conflict, KeyWrongLastSequenceError):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
-
-
-if TYPE_CHECKING:
-    from collections.abc import Callable
-
-    _Change = Callable[[RunRecord], RunRecord]

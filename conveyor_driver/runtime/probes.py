@@ -3,18 +3,26 @@
 Health means *consuming*, not merely *running*: the most common complaint about reconcile
 frameworks is a consumer that silently stopped while its health check stayed green. So
 ``/healthz`` fails when the pull loop has not iterated for a while (it iterates even when
-idle), and ``/readyz`` fails while NATS is away, during start-up and during shutdown.
+idle) and when a handler has blocked the event loop for half of ``ack_wait`` (JetStream is
+about to hand its run to another instance), and ``/readyz`` fails while NATS is away,
+during start-up and during shutdown.
+
+The probes are served from a thread of their own, not from the event loop: a probe that
+does not answer while the loop is blocked is no health check at all.
 """
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import os
+import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import attrs
-from aiohttp import web
+import orjson
 
 from ..errors import ConfigurationError
 
@@ -22,8 +30,7 @@ if TYPE_CHECKING:
     from nats.aio.client import Client
 
     from .consumer import Consumer
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+    from .watchdog import LoopWatchdog
 
 #: The pull loop wakes at least every few seconds; this much silence means it is wedged.
 STALL_AFTER = 30.0
@@ -35,15 +42,22 @@ class DriverState:
 
     nc: Client | None = None
     consumer: Consumer | None = None
+    watchdog: LoopWatchdog | None = None
     stopping: bool = False
     stall_after: float = STALL_AFTER
+    #: A loop blocked this long makes the driver unhealthy (half of ``ack_wait``).
+    blocked_after: float = 15.0
 
     def health(self) -> tuple[bool, str]:
+        watchdog = self.watchdog
+        blocked = watchdog.blocked_for() if watchdog is not None else 0.0
+        if blocked > self.blocked_after:
+            return False, f"event loop blocked for {blocked:.0f}s"
         consumer = self.consumer
         if consumer is None:
             return True, "starting"
         silent = time.monotonic() - consumer.last_loop
-        if silent > self.stall_after:
+        if silent > self.stall_after and not blocked:
             return False, f"consume loop has not iterated for {silent:.0f}s"
         return True, "consuming"
 
@@ -57,44 +71,72 @@ class DriverState:
         return True, "ready"
 
 
-async def start_probes(state: DriverState, port: int, host: str = "0.0.0.0") -> web.AppRunner:
-    """Serve the probes on ``host:port``; the caller cleans the runner up."""
-    app = web.Application()
-    app.router.add_get("/healthz", _answer(state.health))
-    app.router.add_get("/readyz", _answer(state.readiness))
-    app.router.add_get("/metrics", _metrics)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
+class ProbeServer:
+    """The probes' HTTP server and the thread it answers from."""
+
+    def __init__(self, server: http.server.ThreadingHTTPServer) -> None:
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="probes", daemon=True
+        )
+        self._thread.start()
+
+    async def cleanup(self) -> None:
+        """Stop answering (the port is closed when this returns)."""
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+
+async def start_probes(state: DriverState, port: int, host: str = "0.0.0.0") -> ProbeServer:
+    """Serve the probes on ``host:port``; the caller cleans the server up."""
+    routes: dict[str, Callable[[], tuple[int, str, bytes]]] = {
+        "/healthz": _answer(state.health),
+        "/readyz": _answer(state.readiness),
+        "/metrics": _metrics,
+    }
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            route = routes.get(self.path.split("?", 1)[0])
+            status, content_type, body = route() if route else (404, "text/plain", b"")
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            return  # probes are polled every few seconds: no access log
+
     try:
-        await web.TCPSite(runner, host, port).start()
+        server = http.server.ThreadingHTTPServer((host, port), Handler)
     except OSError as exc:
         # A port in use or an address this machine does not have is the operator's to
-        # fix; one line naming it beats a traceback from deep inside asyncio.
-        await runner.cleanup()
-        # asyncio wraps the errno in its own sentence; the errno's is the one to show.
+        # fix; one line naming it beats a traceback.
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
         raise ConfigurationError(
             f"cannot serve the probes on {host}:{port}: {reason.lower()}; "
             "choose another --http-port (CONVEYOR_HTTP_PORT) or --http-host"
         ) from None
-    return runner
+    server.daemon_threads = True
+    return ProbeServer(server)
 
 
-def _answer(check: Callable[[], tuple[bool, str]]) -> Handler:
-    async def handler(_request: web.Request) -> web.Response:
+def _answer(check: Callable[[], tuple[bool, str]]) -> Callable[[], tuple[int, str, bytes]]:
+    def answer() -> tuple[int, str, bytes]:
         ok, reason = check()
-        return web.json_response({"status": reason}, status=200 if ok else 503)
+        return 200 if ok else 503, "application/json", orjson.dumps({"status": reason})
 
-    return handler
+    return answer
 
 
-async def _metrics(_request: web.Request) -> web.Response:
+def _metrics() -> tuple[int, str, bytes]:
     try:
         from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
     except ImportError:
-        return web.Response(
-            status=501, text="metrics need the SDK: pip install 'conveyor-driver[otel]'\n"
-        )
-    response = web.Response(body=generate_latest(REGISTRY))
-    response.headers["Content-Type"] = CONTENT_TYPE_LATEST
-    return response
+        text = b"metrics need the SDK: pip install 'conveyor-driver[otel]'\n"
+        return 501, "text/plain; charset=utf-8", text
+    with contextlib.suppress(Exception):
+        return 200, CONTENT_TYPE_LATEST, generate_latest(REGISTRY)
+    return 500, "text/plain; charset=utf-8", b"metrics could not be rendered\n"

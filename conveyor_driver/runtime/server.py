@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 import signal
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from .. import protocol
@@ -28,10 +27,11 @@ from ..telemetry import Telemetry
 from ..tls import load_tls
 from .connection import connect
 from .consumer import Consumer, ensure_consumer, ensuring_what
-from .dispatcher import Services
+from .dispatcher import HandlerThreads, Services
 from .ledger import RunLedger
 from .probes import DriverState, start_probes
 from .startup import until_ready
+from .watchdog import LoopWatchdog
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -65,7 +65,7 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
     log = build_logger(level=settings.log_level, fmt=settings.log_format, sinks=sinks).bind(
         driver=driver.name
     )
-    state = DriverState()
+    state = DriverState(blocked_after=driver.ack_wait / 2)
     async with contextlib.AsyncExitStack() as stack:
         if settings.http_port is not None:
             runner = await start_probes(state, settings.http_port, settings.http_host)
@@ -113,13 +113,15 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
         state.nc = nc
         api = ConveyorClient.from_settings(settings, tls, log=log, telemetry=telemetry)
         stack.push_async_callback(api.close)
-        executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=driver.name)
+        executor = HandlerThreads(max_workers=concurrency, thread_name_prefix=driver.name)
         stack.callback(executor.shutdown, wait=False, cancel_futures=True)
 
         consumer = Consumer(
             nc,
             driver,
-            Services(log=log, api=api, executor=executor, telemetry=telemetry),
+            Services(
+                log=log, api=api, executor=executor, telemetry=telemetry, timeout=settings.timeout
+            ),
             concurrency=concurrency,
             log=log,
             ledger=ledger,
@@ -133,6 +135,15 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
         _install_signal_handlers(stop)
         await consumer.start()
         state.consumer = consumer
+        watchdog = LoopWatchdog(
+            asyncio.get_running_loop(),
+            log,
+            threshold=settings.block_threshold,
+            describe=consumer.describe,
+        )
+        watchdog.start()
+        stack.callback(watchdog.stop)
+        state.watchdog = watchdog
         log.info(
             "driver started",
             subjects=driver.subjects,
@@ -140,6 +151,7 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
             nats=", ".join(urls),
         )
         try:
+            _raise_if_cancelled()
             await stop.wait()
             log.info("shutting down")
         finally:
@@ -175,6 +187,18 @@ async def _open_ledger(
             error=str(exc),
         )
         return None
+
+
+def _raise_if_cancelled() -> None:
+    """Honour a cancellation that arrived during start-up and was lost on the way.
+
+    On Python 3.11, ``asyncio.wait_for`` (which nats-py uses for every request) drops a
+    cancellation that lands as its answer arrives; the task's cancel count still shows it.
+    Without this, a serve task cancelled in that instant would serve on forever.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 async def _close(nc: object) -> None:

@@ -31,8 +31,9 @@ _FIRST_DELAY = 0.25
 _MAX_DELAY = 2.0
 #: JetStream's "not enabled" answers: a server or account set up without it.
 _NOT_ENABLED = frozenset({10039, 10076})
-#: Answers a cluster gives while it lacks a quorum or peers: they pass.
-_PASSING = frozenset({10005, 10008, 10009})
+#: Answers a cluster gives while it lacks a quorum, a leader or peers: they pass. Other
+#: 5xx answers with a code of their own (a push consumer of that name, say) do not.
+_PASSING = frozenset({10005, 10008, 10009, 10041, 10118, 10119})
 
 
 class _Weather(Exception):
@@ -91,7 +92,7 @@ def classify(exc: BaseException, what: str, nc: Client) -> _Weather:
     if isinstance(exc, APIError) and not isinstance(exc, ServiceUnavailableError):
         if exc.err_code in _NOT_ENABLED:
             raise ConsumerSetupError(f"cannot {what}: {exc.description}") from None
-        passing = (exc.code or 0) >= 500 or exc.err_code in _PASSING
+        passing = exc.err_code in _PASSING or (exc.err_code is None and (exc.code or 0) >= 500)
         if not passing and exc.description:
             raise ConsumerSetupError(f"cannot {what}: {exc.description}") from None
     reason = _reason(exc)
