@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: install demo test test-fast lint typecheck bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml conveyor_driver/_version.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'

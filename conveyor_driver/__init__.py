@@ -10,12 +10,13 @@ async def build(ctx: Context) -> Result:
     return Result.ok("built")
 """
 
+from ._version import __version__
 from .app import Driver, Route
-from .commands import CommandResult
 from .context import Context
 from .errors import ConfigurationError, ConveyorDriverError
 from .models import Resource
 from .outcomes import Fail, Result, Retry
+from .process import CommandResult
 from .settings import Settings
 
 __all__ = [
@@ -30,4 +31,5 @@ __all__ = [
     "Retry",
     "Route",
     "Settings",
+    "__version__",
 ]

@@ -1,14 +1,14 @@
 """Kill the process groups of running ``ctx.run`` commands when the driver dies, even by SIGKILL.
 
-Why this exists: ``ctx.run`` starts each command in a process group of its own, so that a
-timeout or a cancelled handler can kill the command and everything it started. The same
-separation means nothing stops a command when the driver itself is killed with ``kill -9``
-(or by the OOM killer): no handler runs, and the commands carry on, orphaned.
-``PR_SET_PDEATHSIG`` does not answer it: it is set per process (it would reach the shell
-but not the ``sleep`` or ``make`` it started), it fires when the *thread* that forked exits,
-and setting it needs a ``preexec_fn``, which turns every spawn into a full ``fork()`` of the
-driver (measured: ``ctx.run("true")`` went from 0.9 ms to 3.7 ms on a 54 MB driver) and is
-documented as unsafe in a process with threads.
+Why this exists: ``ctx.run`` (:mod:`conveyor_driver.process`) starts each command in a
+process group of its own, so that a timeout or a cancelled handler can kill the command and
+everything it started. The same separation means nothing stops a command when the driver
+itself is killed with ``kill -9`` (or by the OOM killer): no handler runs, and the commands
+carry on, orphaned. ``PR_SET_PDEATHSIG`` does not answer it: it is set per process (it
+would reach the shell but not the ``sleep`` or ``make`` it started), it fires when the
+*thread* that forked exits, and setting it needs a ``preexec_fn``, which turns every spawn
+into a full ``fork()`` of the driver (several times the cost of a short command: see
+``bench/README.md``) and is documented as unsafe in a process with threads.
 
 How: on the first ``ctx.run`` the driver starts one small helper, this file run as a script
 by the same Python (``-I -S``: no site, nothing of the driver imported, so it starts in
@@ -23,13 +23,12 @@ descriptor, so commands never inherit it; and a child made by a plain ``os.fork`
 closes its copy at once (``os.register_at_fork``), or it would hold the pipe open.
 
 Limits, by choice:
-- Linux only. Elsewhere ``ctx.run`` behaves as before: its process groups outlive a
-  killed driver.
+- Linux only. Elsewhere a command's process group outlives a killed driver.
 - A group is registered just after ``asyncio`` has started the command, a few event-loop
   turns after the fork. A driver killed within that window leaves that one command
   behind (the price of not forking the driver for every command, see above).
 - A group is unregistered when ``ctx.run`` returns: what a finished command left running
-  in the background was never waited for, and stays as before.
+  in the background was never waited for, and is left alone.
 - If the helper is killed on its own, the next registration notices the broken pipe,
   starts a new helper and registers again every group still running.
 - The helper handle is one per process, held in this module: "the driver died" is a fact

@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 import attrs
 
 from . import protocol
-from .commands import KILL_GRACE
 from .errors import ConfigurationError
 from .outcomes import Result
+from .process import KILL_GRACE
 
 if TYPE_CHECKING:
     from .context import Context
@@ -229,13 +229,6 @@ def _describe_overlap(a: Route, b: Route) -> str:
     else:
         what = f"event {', '.join(sorted(a.events & b.events))}"
     return f"{what} of resource type {', '.join(types)}"
-
-
-async def call_hook(hook: Hook) -> None:
-    """Run a lifecycle hook whether it is a coroutine function or a plain one."""
-    outcome = hook()
-    if isinstance(outcome, Awaitable):
-        await outcome
 
 
 def _check_timeout(what: str, timeout: float | None) -> None:

@@ -23,6 +23,7 @@ import orjson
 from click.core import ParameterSource
 
 from . import protocol
+from ._version import __version__
 from .errors import ConfigurationError, ConveyorDriverError
 from .loader import load_driver
 from .models import converter, resource_from_json
@@ -167,7 +168,7 @@ def _run_async(coroutine: Coroutine[Any, Any, Any]) -> Any:
 
 
 @click.group()
-@click.version_option(package_name="conveyor-driver")
+@click.version_option(__version__, package_name="conveyor-driver")
 def main() -> None:
     """Write and run Conveyor CI drivers in Python."""
 
@@ -238,6 +239,7 @@ async def _status(name: str, urls: tuple[str, ...], tls: ssl.SSLContext | None =
                 f"consumer {name!r} not found on stream {protocol.MESSAGES_STREAM!r} "
                 "(has the driver run against this NATS, and does the stream exist?)"
             ) from None
+        ledger = await _ledger_counts(nc, name, log)
     finally:
         await nc.close()
     config = info.config
@@ -251,8 +253,31 @@ async def _status(name: str, urls: tuple[str, ...], tls: ssl.SSLContext | None =
         ("last delivery", _when(info.delivered.last_active if info.delivered else None)),
         ("last ack", _when(info.ack_floor.last_active if info.ack_floor else None)),
     ]
+    if ledger is None:
+        rows.append(("run ledger", f"none ({protocol.ledger_bucket(name)} does not exist)"))
+    else:
+        rows.append(
+            (
+                "run ledger",
+                f"{ledger['finished']} finished, {ledger['running']} running (long runs), "
+                f"{ledger['fenced']} fenced, "
+                f"{ledger['skipped_as_duplicate']} skipped as duplicates",
+            )
+        )
     for label, value in rows:
         click.echo(f"{label:>14}: {value}")
+
+
+async def _ledger_counts(nc: Any, name: str, log: Any) -> dict[str, int] | None:
+    from nats.js.errors import BucketNotFoundError, NotFoundError
+
+    from .runtime.ledger import RunLedger
+
+    try:
+        kv = await nc.jetstream().key_value(protocol.ledger_bucket(name))
+    except (BucketNotFoundError, NotFoundError):
+        return None
+    return await RunLedger(kv, log).summary()
 
 
 def _when(moment: Any) -> str:

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 import attrs
 from structlog.typing import FilteringBoundLogger
 
-from .commands import KILL_GRACE, CommandResult, run_command
 from .models import Resource
+from .process import KILL_GRACE, CommandResult, run_command
 
 if TYPE_CHECKING:
     from .api import ConveyorClient

@@ -2,7 +2,8 @@
 
 This is the only module that spells a subject or a stream name. It follows the server
 (open-ug/conveyor, ``internal/utils/nats.go`` and ``internal/engine``), not the official
-runtimes, wherever the two disagree: see ``shared/conveyor/PROTOCOL.md``.
+runtimes, wherever the two disagree: see ``docs/protocol.md``, which also explains what the
+framework adds (result de-duplication, the run ledger).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ RESULT_SUBJECT = "pipelines.driver.result"
 RESULT_EVENT = "driver.result"
 
 #: JetStream de-duplicates on this header within the stream's window, so re-publishing the
-#: result of the same delivery (after a lost ack or a publish retry) is stored only once.
+#: result of the same delivery (after a lost ack or a publish retry) is stored only once
+#: (``docs/protocol.md#result-de-duplication``).
 MSG_ID_HEADER = "Nats-Msg-Id"
 
 _TOKEN = re.compile(r"^[^\s.*>]+$")
@@ -68,7 +70,11 @@ def resource_type_from_subject(subject: str) -> str | None:
 
 
 def is_addressed(subject: str) -> bool:
-    """Whether a driver subject is a pipeline step addressed to one driver (not a broadcast)."""
+    """Whether a driver subject is a pipeline step addressed to one driver (not a broadcast).
+
+    The difference decides what an event no handler takes becomes
+    (``docs/protocol.md#skipped-and-unrouted-events``).
+    """
     return subject.startswith("drivers.")
 
 
@@ -96,8 +102,11 @@ _BUCKET_UNSAFE = re.compile(r"[^a-zA-Z0-9_-]")
 
 
 def ledger_bucket(driver: str) -> str:
-    """The run ledger's key-value bucket of ``driver`` (bucket names allow fewer characters
-    than subject tokens, so other characters are replaced and a short hash keeps it unique)."""
+    """The run ledger's key-value bucket of ``driver`` (``docs/protocol.md#the-run-ledger``).
+
+    Bucket names allow fewer characters than subject tokens, so other characters are
+    replaced and a short hash keeps the name unique.
+    """
     safe = _BUCKET_UNSAFE.sub("_", driver)
     if safe != driver:
         safe += "-" + hashlib.sha256(driver.encode()).hexdigest()[:8]
@@ -105,7 +114,7 @@ def ledger_bucket(driver: str) -> str:
 
 
 def consumer_config(driver: str, resource_types: Iterable[str], ack_wait: float) -> ConsumerConfig:
-    """The durable pull consumer of PROTOCOL.md section 2.
+    """The durable pull consumer (``docs/protocol.md#the-durable-pull-consumer``).
 
     No ``max_ack_pending`` of 1 (the Go runtime's choice): each instance limits itself by
     pulling only for free handler slots, so instances share the work instead of taking turns.
@@ -124,7 +133,10 @@ def consumer_config(driver: str, resource_types: Iterable[str], ack_wait: float)
 
 
 def server_streams() -> list[StreamConfig]:
-    """The three streams the Conveyor server creates at start (PROTOCOL.md section 1)."""
+    """The three streams the Conveyor server creates at start.
+
+    See ``docs/protocol.md#streams-and-retention``.
+    """
     return [
         StreamConfig(
             name=MESSAGES_STREAM,

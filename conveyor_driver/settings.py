@@ -3,13 +3,13 @@
 The :class:`~conveyor_driver.Driver` says *what* the driver does and how hard it works
 (concurrency, attempts); ``Settings`` says *where* it runs, which differs per deployment.
 
-Why one table: ``driver.run()`` and ``conveyor-driver run`` used to read the environment
-each in their own way, and drifted (variables one of them ignored, values one refused and
-the other took). Now :data:`VARIABLES` names every variable once, with its field, its parser
-and its command-line option; :meth:`Settings.from_env` is the only reader, the CLI passes it
-the options given on its command line as overrides, and the validators on the settings
-classes are the only rules. An invalid value is one :class:`ConfigurationError` line naming
-the variable or the option it came from.
+Why one table: ``driver.run()`` and ``conveyor-driver run`` must start the same driver from
+the same environment, and two readers drift apart (a variable one of them ignores, a value
+one refuses and the other takes). So :data:`VARIABLES` names every variable once, with its
+field, its parser and its command-line option; :meth:`Settings.from_env` is the only
+reader, the CLI passes it the options given on its command line as overrides, and the
+validators on the settings classes are the only rules. An invalid value is one
+:class:`ConfigurationError` line naming the variable or the option it came from.
 """
 
 from __future__ import annotations
@@ -433,7 +433,7 @@ class Settings:
     timeout: float | None = attrs.field(default=None, validator=validation.number(float, above=0))
     #: A loop that does not turn for this long is reported with the stack holding it.
     block_threshold: float = attrs.field(default=1.0, validator=validation.number(float, above=0))
-    #: The driver's identity on a secured Conveyor (PROTOCOL.md section 6): a PEM
+    #: The driver's identity on a secured Conveyor (``docs/protocol.md#authentication``): a PEM
     #: certificate chain (leaf first), its private key, and the operator's CA.
     tls_cert: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
     tls_key: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))

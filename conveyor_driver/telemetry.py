@@ -13,7 +13,6 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import metrics, propagate, trace
@@ -22,16 +21,15 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 from structlog.typing import EventDict, WrappedLogger
 
+from ._version import __version__
+
 if TYPE_CHECKING:
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.trace import TracerProvider
 
 INSTRUMENTATION = "conveyor_driver"
 
-try:
-    _VERSION = version("conveyor-driver")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree
-    _VERSION = "0"
+_VERSION = __version__
 
 
 #: A build takes from milliseconds (a no-op step) to an hour.

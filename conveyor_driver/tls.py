@@ -1,10 +1,11 @@
 """The driver's X.509 identity: one certificate chain, its key and the operator's CA.
 
-A Conveyor server with authentication on (PROTOCOL.md section 6) checks the same identity
-twice: NATS verifies the client certificate in the TLS handshake, and the API server
-verifies a JWT signed with the certificate's key. Both are loaded and checked here once, at
-start-up, so that a wrong file is a one-line error before anything connects rather than a
-handshake failure later.
+A Conveyor server with authentication on (``docs/protocol.md#authentication``) checks the
+same identity twice: NATS verifies the client certificate in the TLS handshake, and the API
+server verifies a JWT signed with the certificate's key. Both are loaded and checked here
+once, at start-up, so that a wrong file is a one-line error before anything connects rather
+than a handshake failure later. What the NATS connection does with the identity (insisting
+on TLS, explaining a failed handshake) is :mod:`conveyor_driver.runtime.connection`'s job.
 
 Error messages name files and certificate subjects, never their contents: a key's PEM must
 not end up in a terminal, a log aggregator or a CI transcript.
@@ -13,10 +14,8 @@ not end up in a terminal, a log aggregator or a CI transcript.
 from __future__ import annotations
 
 import datetime
-import logging
 import ssl
 from pathlib import Path
-from typing import Any
 
 import attrs
 from cryptography import x509
@@ -24,8 +23,6 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
-from nats.aio.client import Client
-from nats.errors import Error as NatsError
 
 from .errors import ConfigurationError
 
@@ -77,7 +74,7 @@ class TLSConfig:
             )
         except (ssl.SSLError, OSError) as exc:
             raise ConfigurationError(
-                f"TLS CA file {self.ca_file} cannot be used: {_ssl_reason(exc)}"
+                f"TLS CA file {self.ca_file} cannot be used: {ssl_reason(exc)}"
             ) from None
         if self.identity is not None:
             try:
@@ -85,7 +82,7 @@ class TLSConfig:
             except (ssl.SSLError, OSError) as exc:
                 raise ConfigurationError(
                     f"TLS certificate {self.identity.cert_file} with key "
-                    f"{self.identity.key_file} cannot be used: {_ssl_reason(exc)}"
+                    f"{self.identity.key_file} cannot be used: {ssl_reason(exc)}"
                 ) from None
         return context
 
@@ -228,106 +225,10 @@ def _check_validity(
             )
 
 
-def _ssl_reason(exc: BaseException) -> str:
+def ssl_reason(exc: BaseException) -> str:
+    """An SSL or OS error in a few plain words (``ssl.SSLError`` reasons are upper snake)."""
     if isinstance(exc, ssl.SSLError) and exc.reason:
         return str(exc.reason).lower().replace("_", " ")
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return type(exc).__name__
-
-
-# -- NATS -------------------------------------------------------------------------------
-
-
-class PlaintextServerError(NatsError):
-    """The server does not require TLS although the driver was configured for it.
-
-    ``optional`` when it offers TLS beside plaintext (``allow_non_tls``): nats-py has no
-    way to ask for it, so such a server is refused too.
-    """
-
-    def __init__(self, optional: bool = False) -> None:
-        super().__init__()
-        self.optional = optional
-
-    def __str__(self) -> str:
-        return (
-            "the server offers TLS only as an option"
-            if self.optional
-            else ("the server does not use TLS")
-        )
-
-
-class TLSOnlyClient(Client):
-    """A NATS client that refuses a server which does not require TLS.
-
-    nats-py upgrades to TLS only when the server's INFO says ``tls_required`` and otherwise
-    carries on in plaintext, even with an SSL context: a misconfigured or impostor server
-    would then receive the driver's results and logs unencrypted. The check runs on the
-    INFO of every connection and reconnection, before the client sends anything.
-    """
-
-    async def _process_info(self, info: dict[str, Any], initial_connection: bool = False) -> None:
-        server = self._current_server
-        websocket_tls = server is not None and server.uri.scheme == "wss"
-        if initial_connection and not info.get("tls_required") and not websocket_tls:
-            raise PlaintextServerError(optional=bool(info.get("tls_available")))
-        await super()._process_info(info, initial_connection)
-
-
-class _QuietTLSEOF(logging.Filter):
-    """Drops asyncio's warning about nats-py's stream protocol over TLS.
-
-    nats-py reads through an ``asyncio.StreamReaderProtocol`` upgraded with ``start_tls``;
-    when a TLS peer closes, asyncio warns that the protocol's wish to stay half-open has
-    no effect. Nothing is wrong, and the line would otherwise follow every closed TLS
-    connection into the driver's log and the CLI's one-line errors.
-    """
-
-    MESSAGE = "returning true from eof_received() has no effect when using ssl"
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.getMessage() != self.MESSAGE
-
-
-def quiet_tls_eof_warning() -> None:
-    logger = logging.getLogger("asyncio")
-    if not any(isinstance(existing, _QuietTLSEOF) for existing in logger.filters):
-        logger.addFilter(_QuietTLSEOF())
-
-
-def nats_tls_failure(exc: BaseException, urls: str, *, tls_configured: bool) -> str | None:
-    """A one-line explanation when ``exc`` is a TLS failure that retrying cannot cure.
-
-    None for anything else (a refused connection, a timeout), which start-up retries.
-    """
-    if isinstance(exc, PlaintextServerError):
-        if exc.optional:
-            return (
-                f"NATS at {urls} accepts plaintext beside TLS (allow_non_tls), and this client "
-                "cannot insist on TLS there: configure the server to require TLS"
-            )
-        return (
-            f"NATS at {urls} does not use TLS, but a TLS identity or CA is configured: "
-            "refusing to connect in plaintext"
-        )
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        reason = exc.verify_message or _ssl_reason(exc)
-        if not tls_configured:
-            return (
-                f"NATS at {urls} requires TLS and its certificate is not trusted ({reason}): "
-                "give the operator's CA with --tls-ca (and --tls-cert/--tls-key if it "
-                "verifies clients)"
-            )
-        return (
-            f"cannot verify the TLS certificate of NATS at {urls} against the configured CA: "
-            f"{reason}"
-        )
-    if isinstance(exc, ssl.SSLError):
-        reason = _ssl_reason(exc)
-        if "certificate required" in reason:
-            return f"NATS at {urls} requires a client certificate: give --tls-cert and --tls-key"
-        if "alert" in reason:
-            return f"NATS at {urls} rejected the client certificate ({reason})"
-        return f"TLS with NATS at {urls} failed: {reason}"
-    return None

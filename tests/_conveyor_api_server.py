@@ -1,10 +1,10 @@
 """A Conveyor-compatible API server for the tests: real HTTP on 127.0.0.1, checked routes.
 
-Every request is matched against the server's own OpenAPI file (``api-swagger.json`` in
-``shared/conveyor``): an undocumented path or method, an undocumented query parameter, or
-a body that is not of the documented shape is answered 400 *and* recorded in
-``violations``, so a test can assert the client never strays from the contract. Answers
-are checked against the documented responses the same way.
+Every request is matched against the server's own OpenAPI file (its copy in
+``tests/data/api-swagger.json``): an undocumented path or method, an undocumented query
+parameter, or a body that is not of the documented shape is answered 400 *and* recorded in
+``violations``, so a test can assert the client never strays from the contract. Answers are
+checked against the documented responses the same way.
 
 Behaviour follows the Go server (open-ug/conveyor) where the tests depend on it: Fiber's
 non-strict routing (``/resources/`` is ``/resources``), a missing resource answered 500

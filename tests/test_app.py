@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from conveyor_driver import ConfigurationError, Context, Driver
-from conveyor_driver.app import call_hook
+from conveyor_driver.runtime.hooks import call_hook
 
 
 async def noop(ctx: Context) -> None:

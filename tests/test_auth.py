@@ -1,5 +1,5 @@
-"""Certificate-bound JWTs (PROTOCOL.md section 6), checked by a server that verifies them the
-way the Go Conveyor server does: the chain against the CA, the thumbprint against the
+"""Certificate-bound JWTs (docs/protocol.md#authentication), checked by a server that verifies
+them the way the Go Conveyor server does: the chain against the CA, the thumbprint against the
 leaf, the signature with the leaf's key, and the token's times.
 
 Every certificate is made in the test (tests/_certs.py): RSA and EC identities in each PEM

@@ -154,11 +154,6 @@ async def test_a_consumer_the_server_will_not_create_is_one_line_naming_its_reas
     assert "can not update push consumer to pull based" in message
 
 
-@pytest.mark.xfail(
-    reason="the server refuses with code 500, which start-up takes for weather: it waits "
-    "out --startup-timeout and says JetStream 'did not answer' (runtime/startup.py classify)",
-    strict=False,
-)
 async def test_a_consumer_the_server_will_not_create_is_refused_at_once(
     nats_server: EmbeddedNats, nats_client: Client
 ) -> None:

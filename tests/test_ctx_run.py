@@ -20,9 +20,9 @@ from nats.aio.msg import Msg
 
 from conveyor_driver import Context, Driver, Fail, Resource, Result
 from conveyor_driver._reaper import REAPER, Reaper
-from conveyor_driver.commands import CAPTURE_LIMIT, run_command
 from conveyor_driver.embedded import EmbeddedNats
 from conveyor_driver.emit import emit_event, watch_results
+from conveyor_driver.process import CAPTURE_LIMIT, run_command
 from conveyor_driver.testing import FakeContext
 from conveyor_driver.testing.fixtures import running
 

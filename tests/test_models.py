@@ -1,4 +1,4 @@
-"""The wire models against PROTOCOL.md: what the server sends, and what it reads back."""
+"""The wire models against docs/protocol.md: what the server sends, and what it reads back."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Run log lines reach Conveyor over NATS as PROTOCOL.md section 4 Log entries: stored on
+"""Run log lines reach Conveyor over NATS as Log entries (docs/protocol.md#logs): stored on
 JetStream ``logs.<run_id>`` and relayed live on core ``live.logs.<run_id>.<driver>``."""
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ LABELS = [
     "waiting pulls",
     "last delivery",
     "last ack",
+    "run ledger",
 ]
 
 
@@ -87,6 +88,26 @@ async def test_status_shows_the_backlog_of_a_stopped_driver(
     assert status["waiting pulls"] == "0"
     moment(status["last delivery"], since)
     assert status["last ack"] == "never"
+    assert status["run ledger"] == (
+        "0 finished, 0 running (long runs), 0 fenced, 0 skipped as duplicates"
+    )
+
+
+async def test_status_counts_the_run_ledger(nats_server: EmbeddedNats, nats_client: Client) -> None:
+    from conveyor_driver.logs.chain import build_logger
+    from conveyor_driver.runtime.ledger import RunLedger, RunRecord
+
+    async with running(worker, nats_server.url):
+        pass  # its consumer and its ledger bucket exist from now on
+    ledger = await RunLedger.open(nats_client.jetstream(), "worker", build_logger(), instance="a")
+    decided = await ledger.decide(RunRecord("r1"), 1, b"{}")
+    await ledger.mark_reported(decided, 1)
+    await ledger.note_duplicate(1, "r1")
+    await ledger.renew(RunRecord("r2"), 2)
+    status = rows(await run_in_process("status", WORKER, "--nats-url", nats_server.url))
+    assert status["run ledger"] == (
+        "1 finished, 1 running (long runs), 0 fenced, 1 skipped as duplicates"
+    )
 
 
 async def test_status_of_a_running_driver_that_drained_its_backlog(

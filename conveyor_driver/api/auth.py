@@ -1,4 +1,4 @@
-"""Certificate-bound JWTs for the Conveyor API server (PROTOCOL.md section 6).
+"""Certificate-bound JWTs for the Conveyor API server (``docs/protocol.md#authentication``).
 
 The server keeps no session: each request carries a short-lived token signed with the
 driver's private key, with the certificate chain in the header (``x5c``) and the leaf's

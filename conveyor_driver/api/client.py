@@ -1,4 +1,4 @@
-"""The async client of the Conveyor API server (PROTOCOL.md section 5), ``ctx.api``.
+"""The async client of the Conveyor API server (``docs/protocol.md#the-api-server``), ``ctx.api``.
 
 Each method says what to ask and how to read the answer; :mod:`.transport` sends the call
 (one session, signing, tracing, retries) and :mod:`.sse` reads the live log stream.

@@ -70,10 +70,11 @@ def build_logger(
 class _UtcTimestamper:
     """``timestamp`` as structlog's ``TimeStamper(fmt="iso", utc=True)`` writes it.
 
-    That one builds an aware datetime and its ISO text for every line, a fifth of a log
-    call's cost; here the date and time of day are formatted once a second and only the
-    microseconds per line. The cache is keyed by the second it renders, so it cannot go
-    stale, and it is swapped as one tuple, so threads logging at once never mix halves.
+    That one builds an aware datetime and its ISO text for every line, a large share of a
+    log call (``bench/README.md``); here the date and time of day are formatted once a
+    second and only the microseconds per line. The cache is keyed by the second it renders,
+    so it cannot go stale, and it is swapped as one tuple, so threads logging at once never
+    mix halves.
     """
 
     def __init__(self) -> None:

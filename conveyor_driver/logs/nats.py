@@ -1,4 +1,4 @@
-"""Ship run log lines to Conveyor over NATS (PROTOCOL.md section 4).
+"""Ship run log lines to Conveyor over NATS (``docs/protocol.md#logs``).
 
 Each line of a run becomes a ``Log`` entry published twice: on JetStream ``logs.<run>``,
 which the server stores, and on core ``live.logs.<run>.<driver>``, which it relays live.

@@ -1,18 +1,27 @@
-"""Connecting to NATS: wait out a server that is not up yet, then reconnect forever."""
+"""Connecting to NATS: wait out a server that is not up yet, then reconnect forever.
+
+With TLS configured, the connection is hardened here too: a server that does not require
+TLS is refused (nats-py would fall back to plaintext), a TLS failure becomes one line that
+says what to fix, and asyncio's harmless warning about closed TLS streams is kept out of
+the log. Loading and checking the certificates themselves is :mod:`conveyor_driver.tls`'s
+job.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from nats.aio.client import Client
+from nats.errors import Error as NatsError
 from structlog.typing import FilteringBoundLogger
 
 from ..errors import NatsUnavailableError
-from ..tls import TLSOnlyClient, nats_tls_failure, quiet_tls_eof_warning
+from ..tls import ssl_reason
 
 #: How long one-shot commands (emit, status) wait for NATS before they give up.
 COMMAND_TIMEOUT = 5.0
@@ -105,3 +114,100 @@ async def connect(
         raise NatsUnavailableError(f"cannot reach NATS at {where}: {reason}") from None
     connected = True
     return nc
+
+
+# -- TLS on the NATS connection ---------------------------------------------------------
+
+
+class PlaintextServerError(NatsError):
+    """The server does not require TLS although the driver was configured for it.
+
+    ``optional`` when it offers TLS beside plaintext (``allow_non_tls``): nats-py has no
+    way to ask for it, so such a server is refused too.
+    """
+
+    def __init__(self, optional: bool = False) -> None:
+        super().__init__()
+        self.optional = optional
+
+    def __str__(self) -> str:
+        return (
+            "the server offers TLS only as an option"
+            if self.optional
+            else ("the server does not use TLS")
+        )
+
+
+class TLSOnlyClient(Client):
+    """A NATS client that refuses a server which does not require TLS.
+
+    nats-py upgrades to TLS only when the server's INFO says ``tls_required`` and otherwise
+    carries on in plaintext, even with an SSL context: a misconfigured or impostor server
+    would then receive the driver's results and logs unencrypted. The check runs on the
+    INFO of every connection and reconnection, before the client sends anything.
+    """
+
+    async def _process_info(self, info: dict[str, Any], initial_connection: bool = False) -> None:
+        server = self._current_server
+        websocket_tls = server is not None and server.uri.scheme == "wss"
+        if initial_connection and not info.get("tls_required") and not websocket_tls:
+            raise PlaintextServerError(optional=bool(info.get("tls_available")))
+        await super()._process_info(info, initial_connection)
+
+
+class _QuietTLSEOF(logging.Filter):
+    """Drops asyncio's warning about nats-py's stream protocol over TLS.
+
+    nats-py reads through an ``asyncio.StreamReaderProtocol`` upgraded with ``start_tls``;
+    when a TLS peer closes, asyncio warns that the protocol's wish to stay half-open has
+    no effect. Nothing is wrong, and the line would otherwise follow every closed TLS
+    connection into the driver's log and the CLI's one-line errors.
+    """
+
+    MESSAGE = "returning true from eof_received() has no effect when using ssl"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != self.MESSAGE
+
+
+def quiet_tls_eof_warning() -> None:
+    logger = logging.getLogger("asyncio")
+    if not any(isinstance(existing, _QuietTLSEOF) for existing in logger.filters):
+        logger.addFilter(_QuietTLSEOF())
+
+
+def nats_tls_failure(exc: BaseException, urls: str, *, tls_configured: bool) -> str | None:
+    """A one-line explanation when ``exc`` is a TLS failure that retrying cannot cure.
+
+    None for anything else (a refused connection, a timeout), which start-up retries.
+    """
+    if isinstance(exc, PlaintextServerError):
+        if exc.optional:
+            return (
+                f"NATS at {urls} accepts plaintext beside TLS (allow_non_tls), and this client "
+                "cannot insist on TLS there: configure the server to require TLS"
+            )
+        return (
+            f"NATS at {urls} does not use TLS, but a TLS identity or CA is configured: "
+            "refusing to connect in plaintext"
+        )
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        reason = exc.verify_message or ssl_reason(exc)
+        if not tls_configured:
+            return (
+                f"NATS at {urls} requires TLS and its certificate is not trusted ({reason}): "
+                "give the operator's CA with --tls-ca (and --tls-cert/--tls-key if it "
+                "verifies clients)"
+            )
+        return (
+            f"cannot verify the TLS certificate of NATS at {urls} against the configured CA: "
+            f"{reason}"
+        )
+    if isinstance(exc, ssl.SSLError):
+        reason = ssl_reason(exc)
+        if "certificate required" in reason:
+            return f"NATS at {urls} requires a client certificate: give --tls-cert and --tls-key"
+        if "alert" in reason:
+            return f"NATS at {urls} rejected the client certificate ({reason})"
+        return f"TLS with NATS at {urls} failed: {reason}"
+    return None

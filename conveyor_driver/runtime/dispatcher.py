@@ -143,7 +143,7 @@ async def process(driver: Driver, delivery: Delivery, services: Services) -> Pro
         attributes=attributes,
     )
     # attach/detach rather than start_as_current_span, whose context-manager layers add
-    # about a third to what the SDK charges for a recorded span.
+    # to the cost of every recorded span (bench/README.md).
     token = otel_context.attach(trace.set_span_in_context(span))
     try:
         processed, error = await _decide(driver, delivery, decoded, services)

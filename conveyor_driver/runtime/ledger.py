@@ -20,7 +20,8 @@ delivery to another learns, when it tries to record its result, that someone els
 decided first (:class:`Fenced`), and publishes nothing. A redelivery of a decided run
 re-publishes the recorded result (same ``Nats-Msg-Id``) instead of running the handler;
 one of a reported run is acked at once. Records expire with the bucket's TTL, long after
-JetStream has given up on their message.
+JetStream has given up on their message. The bucket, its keys and its values are
+described in ``docs/protocol.md#the-run-ledger``.
 """
 
 from __future__ import annotations

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 
 from .. import protocol
 from ..api import ConveyorClient
-from ..app import call_hook
 from ..errors import ConveyorDriverError
 from ..logs.chain import build_logger
 from ..logs.loki import LokiSink
@@ -28,6 +27,7 @@ from ..tls import load_tls
 from .connection import connect
 from .consumer import Consumer, ensure_consumer, ensuring_what
 from .dispatcher import HandlerThreads, Services
+from .hooks import call_hook
 from .ledger import RunLedger
 from .probes import DriverState, start_probes
 from .startup import until_ready
