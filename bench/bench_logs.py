@@ -29,6 +29,7 @@ from conveyor_driver.logs.chain import build_logger
 from conveyor_driver.logs.loki import LokiConfig, LokiSink
 from conveyor_driver.logs.nats import NatsLogSink
 from conveyor_driver.runtime.connection import connect
+from conveyor_driver.runtime.publisher import Publisher
 
 CALLS = int(os.environ.get("BENCH_LOG_CALLS", "20000"))
 LINES = int(os.environ.get("BENCH_LOG_LINES", "200000"))
@@ -85,7 +86,7 @@ async def main(devnull: TextIO) -> None:
                 driver="bench", **RUN_KEYS
             )
             nc = await connect([server.url], name="bench", log=baseline_log)
-            nats_sink.start(nc)
+            nats_sink.start(Publisher(nc))
             loki_sink.start()
 
             base, full = [], []

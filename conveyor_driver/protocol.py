@@ -182,4 +182,5 @@ PENDING_MESSAGES_HEADER = "Nats-Pending-Messages"
 STATUS_IDLE_HEARTBEAT = "100"
 STATUS_NO_MESSAGES = "404"
 STATUS_REQUEST_TIMEOUT = "408"
-STATUS_CONFLICT = "409"
+#: The answer to a request no subscriber took; for a JetStream publish, no stream (yet).
+STATUS_NO_RESPONDERS = "503"

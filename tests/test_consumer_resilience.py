@@ -100,21 +100,19 @@ async def test_a_consumer_that_cannot_be_created_again_is_an_error_and_the_drive
     driver, _calls = builder("orphan")
     async with running(driver, nats_server.url) as task:
         await nats_client.jetstream().delete_stream(p.MESSAGES_STREAM)
-        [failed] = await logged.wait("consumer was deleted and could not be recreated")
+        [failed] = await logged.wait(
+            "consumer was deleted and could not be recreated; trying again"
+        )
         refused = await logged.wait("pull request refused", count=3)
         assert not task.done()
 
     assert "stream not found" in failed["error"]
-    assert refused[0]["description"] == "Consumer Deleted"
-    assert {r["status"] for r in refused[1:]} == {"503"}  # no consumer: no responders
-    assert len(logged.records("consumer was deleted and could not be recreated")) == 1
+    # "Consumer Deleted" to a pull open at the time; then no responders: no consumer.
+    assert {r["status"] for r in refused} <= {"409", "503"}
+    assert refused[-1]["status"] == "503"
+    assert len(logged.records("consumer was deleted and could not be recreated; trying again")) == 1
 
 
-@pytest.mark.xfail(
-    reason="after a failed re-creation, a 503 refusal never tries to create the consumer "
-    "again, so a driver whose stream came back stays idle (runtime/consumer.py _on_status)",
-    strict=False,
-)
 async def test_a_driver_whose_stream_comes_back_consumes_again(
     nats_server: EmbeddedNats, nats_client: Client, logged: Logged
 ) -> None:
@@ -122,10 +120,10 @@ async def test_a_driver_whose_stream_comes_back_consumes_again(
     js = nats_client.jetstream()
     async with raw_results(nats_client) as results, running(driver, nats_server.url):
         await js.delete_stream(p.MESSAGES_STREAM)
-        await logged.wait("consumer was deleted and could not be recreated")
+        await logged.wait("consumer was deleted and could not be recreated; trying again")
         await js.add_stream(p.server_streams()[0])
         await wait_until(
-            lambda: _has_consumer(nats_client, "returning"), timeout=3, what="the consumer back"
+            lambda: _has_consumer(nats_client, "returning"), timeout=30, what="the consumer back"
         )
         run_id = await send(nats_client, resource_json())
         await results.wait(run_id)

@@ -668,10 +668,12 @@ async def test_result_publish_is_acknowledged_by_the_stream_or_refused(
     try:
         headers = {p.MSG_ID_HEADER: p.result_message_id(driver.name, 1)}
         for _ in range(2):
-            await consumer._publish_acked(p.RESULT_SUBJECT, b'{"event":"driver.result"}', headers)
+            await consumer._publisher.publish(
+                p.RESULT_SUBJECT, b'{"event":"driver.result"}', headers
+            )
         stream = await nats_client.jetstream().stream_info(p.PIPELINE_STREAM)
         assert stream.state.messages == 1
         with pytest.raises(NoStreamResponseError):
-            await consumer._publish_acked("nowhere.at.all", b"{}", {})
+            await consumer._publisher.publish("nowhere.at.all", b"{}", {})
     finally:
         await consumer.stop(0)

@@ -10,8 +10,10 @@ here touches structlog's global configuration.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
+import re
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -47,7 +49,7 @@ def build_logger(
         fmt = "console" if output.isatty() else "json"
     renderer: Processor
     if fmt == "console":
-        renderer = structlog.dev.ConsoleRenderer(colors=output.isatty())
+        renderer = _console_renderer(colors=output.isatty())
     else:
         renderer = structlog.processors.JSONRenderer(serializer=_json_dumps)
     processors: list[Processor] = [
@@ -65,6 +67,39 @@ def build_logger(
         cache_logger_on_first_use=True,
     )
     return logger
+
+
+def logfmt_value(value: Any) -> str:
+    """``value`` as a logfmt value: bare when it can be, else quoted and escaped as JSON.
+
+    The one quoting of ``key=value`` pairs, on the console and in Loki lines alike, and the
+    one Loki's ``| logfmt`` parser reads back (an empty value stays bare: ``key=``).
+    """
+    text = value if isinstance(value, str) else str(value)
+    # Letters and digits never need quotes; the pattern decides for everything else.
+    if text.isalnum() or not _NEEDS_QUOTES.search(text):
+        return text
+    # Printable text without quotes or backslashes is its own JSON string body.
+    if text.isprintable() and '"' not in text and "\\" not in text:
+        return f'"{text}"'
+    return orjson.dumps(text).decode()
+
+
+_NEEDS_QUOTES = re.compile(r'[\s="\\]')
+
+
+def _console_renderer(*, colors: bool) -> Processor:
+    """structlog's console renderer, with its ``key=value`` pairs quoted by :func:`logfmt_value`."""
+    renderer = structlog.dev.ConsoleRenderer(colors=colors)
+    renderer.columns = [
+        structlog.dev.Column(
+            column.key, dataclasses.replace(column.formatter, value_repr=logfmt_value)
+        )
+        if column.key == "" and isinstance(column.formatter, structlog.dev.KeyValueColumnFormatter)
+        else column
+        for column in renderer.columns
+    ]
+    return renderer
 
 
 class _UtcTimestamper:
@@ -93,7 +128,12 @@ class _UtcTimestamper:
 
 
 def render_message(event_dict: Mapping[str, Any]) -> str:
-    """The event text followed by its own ``key=value`` pairs (the run's keys left out)."""
+    """The event text followed by its own ``key=value`` pairs (the run's keys left out).
+
+    This is the text of a NATS ``Log`` entry, a line for people in Conveyor's log view, not
+    a logfmt record for a parser: values are written as they are, unquoted
+    (``command=sh -c make``), where the console and Loki quote with :func:`logfmt_value`.
+    """
     parts = [str(event_dict.get("event", ""))]
     level = event_dict.get("level")
     if level not in (None, "info"):

@@ -24,7 +24,7 @@ import gzip
 import random
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -33,11 +33,14 @@ import orjson
 
 from .. import validation
 from ..errors import InvalidSettingError
-from .chain import build_logger, truncate_line
+from .chain import logfmt_value, truncate_line
+from .sink import LineCounter, SinkReporter
 from .stdlib import silence_bridge
 
 if TYPE_CHECKING:
     from structlog.typing import EventDict, FilteringBoundLogger, WrappedLogger
+
+    from ..runtime.publisher import Publisher
 
 PUSH_PATH = "/loki/api/v1/push"
 
@@ -54,7 +57,6 @@ _METADATA_ITEMS = tuple(METADATA_KEYS.items())
 #: Left out of the line besides the message and the labels ``_entry`` takes out: the driver
 #: (the ``service_name`` label) and the chain's timestamp (the entry carries its own).
 _NOT_IN_LINE = ("timestamp", "driver")
-_NEEDS_QUOTES = re.compile(r'[\s="\\]')
 _Labels = tuple[tuple[str, str], ...]
 _MAX_RETRIES = 10
 
@@ -146,6 +148,11 @@ class LokiStats:
     retried: int = 0
     dropped: int = 0
 
+    @property
+    def sent(self) -> int:
+        """Lines Loki accepted (``shipped``), as every sink counts them."""
+        return self.shipped
+
 
 class LokiSink:
     """A structlog processor feeding a background shipper; one per driver process."""
@@ -156,21 +163,17 @@ class LokiSink:
         *,
         service_name: str,
         console: FilteringBoundLogger | None = None,
-        on_lines: Callable[[str, int], None] | None = None,
+        on_lines: LineCounter | None = None,
     ) -> None:
         self.config = config
         self.service_name = service_name
         self.stats = LokiStats()
-        self._on_lines = on_lines
-        self._reported = {"sent": 0, "dropped": 0}
+        self._reporter = SinkReporter("loki", console=console, on_lines=on_lines)
         self._queue: collections.deque[tuple[int, dict[str, Any]]] = collections.deque()
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self._closing = False
-        self._warned_rejected = False
-        self._warned_unencodable = False
-        self._console = (console or build_logger()).bind(sink="loki")
         self._in_flight = 0
         self._wake_at = max(1, config.batch_bytes // 256)
         self._labels: dict[tuple[object, object], _Labels] = {}
@@ -185,12 +188,11 @@ class LokiSink:
             self._loop.call_soon_threadsafe(self._wake.set)
         return event_dict
 
-    def start(self) -> None:
+    def start(self, publisher: Publisher | None = None) -> None:
+        """Begin shipping; needs no NATS (``publisher`` is ignored), so it starts first."""
         self._loop = asyncio.get_running_loop()
         self._task = asyncio.create_task(self._ship_forever(), name="loki-shipper")
-        if self._on_lines is not None:  # both series exist from the start, at zero
-            self._on_lines("sent", 0)
-            self._on_lines("dropped", 0)
+        self._reporter.started()
 
     async def close(self) -> None:
         """Flush within ``flush_timeout``, then report what was shipped, retried, dropped."""
@@ -207,22 +209,13 @@ class LokiSink:
         self.stats.dropped += len(self._queue)
         self._queue.clear()
         self._task = None
-        self._report()
-        self._console.info(
+        self._reporter.report(self.stats)
+        self._reporter.console.info(
             "loki shipping finished",
             shipped=self.stats.shipped,
             retried=self.stats.retried,
             dropped=self.stats.dropped,
         )
-
-    def _report(self) -> None:
-        """Hand the counts since the last report to the metrics (once a batch, not a line)."""
-        if self._on_lines is None:
-            return
-        for status, total in (("sent", self.stats.shipped), ("dropped", self.stats.dropped)):
-            if total > self._reported[status]:
-                self._on_lines(status, total - self._reported[status])
-                self._reported[status] = total
 
     async def _ship_forever(self) -> None:
         silence_bridge()
@@ -250,7 +243,7 @@ class LokiSink:
                     body, self._in_flight = self._take_batch()
                     await self._push(session, body, self._in_flight)
                     self._in_flight = 0
-                    self._report()
+                    self._reporter.report(self.stats)
 
     def _take_batch(self) -> tuple[bytes, int]:
         """Encode queued entries, oldest first, into one push body of about batch_bytes."""
@@ -313,9 +306,9 @@ class LokiSink:
         if self.config.line_format == "json":
             return orjson.dumps({"msg": message, **fields}, default=str).decode()
         if not fields:
-            return "msg=" + _logfmt(message)
-        return f"msg={_logfmt(message)} " + " ".join(
-            [f"{key}={_logfmt(value)}" for key, value in fields.items()]
+            return "msg=" + logfmt_value(message)
+        return f"msg={logfmt_value(message)} " + " ".join(
+            [f"{key}={logfmt_value(value)}" for key, value in fields.items()]
         )
 
     async def _push(self, session: aiohttp.ClientSession, body: bytes, count: int) -> None:
@@ -339,26 +332,27 @@ class LokiSink:
             delay = min(self.config.max_backoff, self.config.min_backoff * 2**attempt)
             await asyncio.sleep(random.uniform(delay / 2, delay))
         self.stats.dropped += count
-        self._console.warning("loki unreachable; batch dropped", lines=count, reason=reason)
+        self._reporter.console.warning(
+            "loki unreachable; batch dropped", lines=count, reason=reason
+        )
 
     def _unencodable(self, exc: Exception) -> None:
         self.stats.dropped += 1
-        if not self._warned_unencodable:
-            self._warned_unencodable = True
-            self._console.warning(
-                "loki cannot encode a log line; dropping such lines (warned once)", error=str(exc)
-            )
+        self._reporter.warn_once(
+            "unencodable",
+            "loki cannot encode a log line; dropping such lines (warned once)",
+            error=str(exc),
+        )
 
     def _rejected(self, status: int, text: str, count: int) -> None:
         self.stats.dropped += count
-        if not self._warned_rejected:
-            self._warned_rejected = True
-            self._console.warning(
-                "loki rejected a batch; dropping rejected batches (warned once)",
-                status=status,
-                error=text,
-                lines=count,
-            )
+        self._reporter.warn_once(
+            "rejected",
+            "loki rejected a batch; dropping rejected batches (warned once)",
+            status=status,
+            error=text,
+            lines=count,
+        )
 
 
 def _encode(streams: dict[_Labels, list[list[Any]]], in_order: bool = False) -> bytes:
@@ -373,15 +367,3 @@ def _encode(streams: dict[_Labels, list[list[Any]]], in_order: bool = False) -> 
         ]
     }
     return gzip.compress(orjson.dumps(payload), compresslevel=1)
-
-
-def _logfmt(value: Any) -> str:
-    """``value`` as a logfmt value: bare when it can be, else quoted and escaped as JSON."""
-    text = value if isinstance(value, str) else str(value)
-    # Letters and digits never need quotes; the pattern decides for everything else.
-    if text.isalnum() or (text and not _NEEDS_QUOTES.search(text)):
-        return text
-    # Printable text without quotes or backslashes is its own JSON string body.
-    if text.isprintable() and '"' not in text and "\\" not in text:
-        return f'"{text}"'
-    return orjson.dumps(text).decode()

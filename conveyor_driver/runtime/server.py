@@ -30,14 +30,16 @@ from .dispatcher import HandlerThreads, Services
 from .hooks import call_hook
 from .ledger import RunLedger
 from .probes import DriverState, start_probes
+from .publisher import Publisher
 from .startup import until_ready
 from .watchdog import LoopWatchdog
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
-    from structlog.typing import FilteringBoundLogger, Processor
+    from structlog.typing import FilteringBoundLogger
 
     from ..app import Driver
+    from ..logs.sink import LogSink
 
 
 async def serve(driver: Driver, settings: Settings | None = None) -> None:
@@ -52,7 +54,7 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
     # The sinks report their own trouble here, outside the chain they feed.
     console = build_logger(level=settings.log_level, fmt=settings.log_format)
     sink = NatsLogSink(driver.name, on_lines=telemetry.line_counter("nats"), console=console)
-    sinks: list[Processor] = [sink]
+    sinks: list[LogSink] = [sink]
     loki: LokiSink | None = None
     if settings.loki is not None:
         loki = LokiSink(
@@ -110,6 +112,7 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
             log=log,
         )
         ledger = await _open_ledger(nc, driver, deadline, log)
+        publisher = Publisher(nc)
         state.nc = nc
         api = ConveyorClient.from_settings(settings, tls, log=log, telemetry=telemetry)
         stack.push_async_callback(api.close)
@@ -125,25 +128,30 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
             concurrency=concurrency,
             log=log,
             ledger=ledger,
+            publisher=publisher,
         )
-        sink.start(nc)
-        stack.push_async_callback(sink.close)
-        for hook in driver.startup_hooks:
-            await call_hook(hook)
-
-        stop = asyncio.Event()
-        _install_signal_handlers(stop)
-        await consumer.start()
-        state.consumer = consumer
-        watchdog = LoopWatchdog(
-            asyncio.get_running_loop(),
-            log,
-            threshold=settings.block_threshold,
-            describe=consumer.describe,
-        )
-        watchdog.start()
-        stack.callback(watchdog.stop)
-        state.watchdog = watchdog
+        # The sink is closed once: here if start-up fails, else after the shutdown hooks
+        # (their lines are shipped) and before "driver stopped" (which counts them).
+        sink.start(publisher)
+        try:
+            for hook in driver.startup_hooks:
+                await call_hook(hook)
+            stop = asyncio.Event()
+            _install_signal_handlers(stop)
+            await consumer.start()
+            state.consumer = consumer
+            watchdog = LoopWatchdog(
+                asyncio.get_running_loop(),
+                log,
+                threshold=settings.block_threshold,
+                describe=consumer.describe,
+            )
+            watchdog.start()
+            stack.callback(watchdog.stop)
+            state.watchdog = watchdog
+        except BaseException:
+            await sink.close()
+            raise
         log.info(
             "driver started",
             subjects=driver.subjects,
@@ -155,15 +163,19 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
             await stop.wait()
             log.info("shutting down")
         finally:
-            state.stopping = True
-            _remove_signal_handlers()
-            await consumer.stop(driver.grace_period)
-            for hook in driver.shutdown_hooks:
-                try:
-                    await call_hook(hook)
-                except Exception:
-                    log.exception("shutdown hook failed", hook=getattr(hook, "__qualname__", hook))
-            await sink.close()
+            try:
+                state.stopping = True
+                _remove_signal_handlers()
+                await consumer.stop(driver.grace_period)
+                for hook in driver.shutdown_hooks:
+                    try:
+                        await call_hook(hook)
+                    except Exception:
+                        log.exception(
+                            "shutdown hook failed", hook=getattr(hook, "__qualname__", hook)
+                        )
+            finally:
+                await sink.close()
             log.info("driver stopped", handled=consumer.handled, log_lines_sent=sink.sent)
 
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Any, NoReturn
 
 import attrs
 import structlog
+from structlog.testing import LogCapture
 from structlog.typing import EventDict, FilteringBoundLogger, WrappedLogger
 
 from .. import protocol
@@ -16,23 +17,26 @@ from ..models import Resource, resource_from_json
 from .fake_api import FakeConveyorClient
 
 
-class LogRecorder:
-    """A structlog processor that keeps each entry (event text, level, bound keys)."""
+class LogRecorder(LogCapture):
+    """structlog's :class:`~structlog.testing.LogCapture`, keeping the level under ``level``.
 
-    def __init__(self) -> None:
-        self.entries: list[dict[str, Any]] = []
+    That is the key the driver's chain writes (``log_level`` is LogCapture's own), so an
+    entry reads the same here as on the console: event text, level and bound keys.
+    """
 
-    def __call__(self, _logger: WrappedLogger, method: str, event_dict: EventDict) -> EventDict:
-        entry = dict(event_dict)
-        entry.setdefault("level", method)
-        self.entries.append(entry)
-        raise structlog.DropEvent
+    entries: list[dict[str, Any]]  # type: ignore[assignment]  # what a capture holds: dicts
+
+    def __call__(self, logger: WrappedLogger, method_name: str, event_dict: EventDict) -> NoReturn:
+        try:
+            super().__call__(logger, method_name, event_dict)
+        finally:
+            event_dict["level"] = event_dict.pop("log_level")
 
     def logger(self) -> FilteringBoundLogger:
         """A debug-level logger feeding this recorder and nothing else."""
         logger: FilteringBoundLogger = structlog.wrap_logger(
             None,
-            processors=[structlog.processors.add_log_level, self],
+            processors=[self],
             wrapper_class=structlog.make_filtering_bound_logger(0),
         )
         return logger

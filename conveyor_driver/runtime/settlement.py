@@ -1,0 +1,201 @@
+"""Settling a delivery: what the run ledger says of it, its result, then ack, nak or term.
+
+The consumer calls these in a message's order: :meth:`Settlement.admit` (the ledger: which
+attempt this really is), the dispatcher, :meth:`~Settlement.record` (the ledger keeps a
+failed attempt's error), :meth:`~Settlement.publish_result` (stored before anything is
+acked) and :meth:`~Settlement.settle`. A stopping process gives unfinished runs back with
+:meth:`~Settlement.hand_back`, recorded so that they never count as attempts.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import attrs
+import orjson
+from nats.errors import Error as NatsError
+from nats.errors import MaxPayloadError
+from nats.js.errors import APIError
+
+from .. import protocol
+from ..models import DriverMessage, encode_result
+from ..outcomes import Action, Outcome, Result
+from ..telemetry import inject
+from .dispatcher import Delivery, Processed
+from .publisher import describe
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable
+
+    from nats.aio.msg import Msg
+    from structlog.typing import FilteringBoundLogger
+
+    from .ledger import RunLedger
+    from .publisher import Publisher
+
+#: JetStream's "message size exceeds maximum allowed" (above a stream's ``max_msg_size``).
+_TOO_LARGE = 10054
+
+
+class Settlement:
+    """Everything between a delivery and its ack that is not the handler's own work."""
+
+    def __init__(
+        self,
+        publisher: Publisher,
+        driver: str,
+        log: FilteringBoundLogger,
+        ledger: RunLedger | None = None,
+    ) -> None:
+        self._publisher = publisher
+        self._driver = driver
+        self._log = log
+        self._ledger = ledger
+
+    async def admit(self, msg: Msg) -> tuple[Delivery, int]:
+        """The delivery as the dispatcher takes it, and its stream sequence.
+
+        A redelivery's attempt comes from the ledger, with the errors of the attempts
+        before it: hand-backs were deliveries, not attempts. A first delivery reads nothing.
+        """
+        delivered, stream_sequence = protocol.parse_ack_subject(msg.reply)
+        delivery = Delivery(msg.data, msg.subject, delivered, msg.headers)
+        if delivered > 1 and self._ledger is not None:
+            run_id = _run_id_of(msg.data)
+            if run_id is not None:  # undecodable: the dispatcher terminates it, whatever the count
+                record = await self._ledger.read(stream_sequence, run_id)
+                attempt = record.attempt(delivered)
+                delivery = attrs.evolve(delivery, attempt=attempt, earlier=record.earlier(attempt))
+        return delivery, stream_sequence
+
+    async def record(self, stream_sequence: int, delivery: Delivery, processed: Processed) -> None:
+        """Keep what a failed attempt raised, for the failure of the attempt that gives up."""
+        if processed.error and processed.message is not None and self._ledger is not None:
+            await self._ledger.record_error(
+                stream_sequence, processed.message.run_id, delivery.attempt, processed.error
+            )
+
+    async def publish_result(self, stream_sequence: int, processed: Processed) -> None:
+        """Store the run's result event, if it has one, before the message is settled.
+
+        Weather is waited out for as long as it lasts: the run stays alive meanwhile
+        (in-progress acks go on), and the de-duplication header makes a repeat harmless, so
+        a finished build is never re-run only because its result could not be stored for a
+        while. A graceful shutdown still ends the wait (the run is handed back). A result
+        larger than the server takes is replaced by a failure naming the limit; a refusal
+        for good is logged and the run settled without its result.
+        """
+        message, result = processed.message, processed.outcome.result
+        if result is None or message is None:
+            return
+        headers = {
+            protocol.MSG_ID_HEADER: protocol.result_message_id(self._driver, stream_sequence)
+        }
+        inject(headers, processed.span_context)
+        body = self._encode(message, result)
+        refused = await self._store(body, headers, message.run_id)
+        if isinstance(refused, MaxPayloadError):
+            text = self._too_large(result)
+            self._log.error(
+                "result too large to publish; reporting a failure",
+                run_id=message.run_id,
+                error=text,
+            )
+            body = self._encode(message, Result.fail(text))
+            refused = await self._store(body, headers, message.run_id)
+        if refused is not None:
+            too_large = isinstance(refused, MaxPayloadError) or (
+                isinstance(refused, APIError) and refused.err_code == _TOO_LARGE
+            )
+            self._log.error(
+                "result refused as too large; the run is settled without it"
+                if too_large
+                else "result refused; the run is settled without it",
+                run_id=message.run_id,
+                size=len(body),
+                error=describe(refused),
+            )
+
+    async def settle(self, msg: Msg, outcome: Outcome) -> None:
+        """Ack, nak (with the outcome's delay) or term: the outcome's last word."""
+        if outcome.action is Action.ACK:
+            await msg.ack()
+        elif outcome.action is Action.TERM:
+            await msg.term()
+        else:
+            await msg.nak(delay=outcome.delay)
+
+    async def hand_back(self, msg: Msg) -> None:
+        """Give a run back unfinished (shutdown): recorded first, so it is not an attempt."""
+        if self._ledger is not None:
+            run_id = _run_id_of(msg.data)
+            if run_id is not None:
+                _, stream_sequence = protocol.parse_ack_subject(msg.reply)
+                await self._ledger.count_handback(stream_sequence, run_id)
+        await quietly(msg.nak())
+        self._log.info("run handed back for redelivery", subject=msg.subject)
+
+    async def _store(self, body: bytes, headers: dict[str, str], run_id: str) -> NatsError | None:
+        """Publish until stored; the error of a refusal for good, else None."""
+
+        def weather(tries: int, error: Exception) -> None:
+            if tries == 1 or tries % 10 == 0:
+                self._log.warning(
+                    "result not stored yet; retrying",
+                    run_id=run_id,
+                    tries=tries,
+                    error=describe(error),
+                )
+
+        try:
+            tries = await self._publisher.publish_until_stored(
+                protocol.RESULT_SUBJECT, body, headers, on_weather=weather
+            )
+        except NatsError as exc:  # permanent: no retry changes it
+            return exc
+        if tries > 1:
+            self._log.info("result published", run_id=run_id, tries=tries)
+        return None
+
+    def _too_large(self, result: Result) -> str:
+        """Which part of the result is too large, and the server's limit."""
+        limit = self._publisher.max_payload
+        data_size = len(orjson.dumps(result.data))
+        message_size = len(result.message.encode())
+        what, size = ("data", data_size) if data_size >= message_size else ("message", message_size)
+        return (
+            f"result {what} is {_megabytes(size)}; "
+            f"the NATS server accepts at most {_megabytes(limit)}"
+        )
+
+    def _encode(self, message: DriverMessage, result: Result) -> bytes:
+        return encode_result(
+            message.run_id,
+            message.payload,
+            result.success,
+            result.message,
+            result.data,
+            self._driver,
+        )
+
+
+async def quietly(action: Awaitable[object]) -> None:
+    """Settle a message where failing to is harmless (JetStream redelivers after ack_wait)."""
+    try:
+        await action
+    except Exception:
+        return
+
+
+def _run_id_of(data: bytes) -> str | None:
+    """The run id of a message body, read without the full decode (ledger paths only)."""
+    try:
+        body = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    run_id = body.get("run_id") if isinstance(body, dict) else None
+    return run_id if isinstance(run_id, str) and run_id else None
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1_048_576:.1f} MB"

@@ -1,0 +1,217 @@
+"""The acked publisher against a real nats-server: PubAcks, refusals, weather, retries."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+
+import pytest
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.errors import MaxPayloadError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.api import DiscardPolicy
+from nats.js.errors import (
+    APIError,
+    BadRequestError,
+    NoStreamResponseError,
+    ServiceUnavailableError,
+)
+
+from conveyor_driver import protocol as p
+from conveyor_driver.runtime.publisher import (
+    Backoff,
+    Publisher,
+    answer_error,
+    describe,
+    headers_size,
+    is_permanent,
+)
+
+HEADERS = {p.MSG_ID_HEADER: "publisher-test-1"}
+
+
+async def stored(nc: Client, stream: str = p.PIPELINE_STREAM) -> int:
+    return (await nc.jetstream().stream_info(stream)).state.messages
+
+
+async def test_a_puback_returns_and_a_repeat_with_the_same_id_is_stored_once(
+    nats_client: Client,
+) -> None:
+    publisher = Publisher(nats_client)
+    for _ in range(2):
+        await publisher.publish(p.RESULT_SUBJECT, b'{"event":"driver.result"}', HEADERS)
+    assert await stored(nats_client) == 1
+
+
+async def test_no_stream_is_503_no_responders_and_weather(nats_client: Client) -> None:
+    publisher = Publisher(nats_client)
+    with pytest.raises(NoStreamResponseError) as caught:
+        await publisher.publish("nowhere.at.all", b"{}")
+    assert not is_permanent(caught.value)
+
+
+async def test_a_jetstream_refusal_is_the_api_error_of_its_code_and_permanent(
+    nats_client: Client,
+) -> None:
+    js = nats_client.jetstream()
+    config = (await js.stream_info(p.LOGS_STREAM)).config
+    await js.update_stream(dataclasses.replace(config, max_msg_size=1024))
+    publisher = Publisher(nats_client)
+    with pytest.raises(BadRequestError) as caught:
+        await publisher.publish(p.log_subject("run-1"), b"x" * 2048)
+    assert (caught.value.code, caught.value.err_code) == (400, 10054)
+    assert is_permanent(caught.value)
+    assert describe(caught.value) == "400 message size exceeds maximum allowed"
+
+
+async def test_max_payload_counts_the_headers_and_nothing_is_sent(nats_client: Client) -> None:
+    publisher = Publisher(nats_client)
+    headers = {p.MSG_ID_HEADER: "h" * 100}
+    body = b"x" * (nats_client.max_payload - headers_size(headers) + 1)  # fits without headers
+    with pytest.raises(MaxPayloadError) as caught:
+        await publisher.publish(p.RESULT_SUBJECT, body, headers)
+    assert is_permanent(caught.value)
+    fitting = body[:-1]
+    await publisher.publish(p.RESULT_SUBJECT, fitting, headers)
+    assert await stored(nats_client) == 1
+    # The server closes the connection of a client that sends more: it never had to.
+    assert nats_client.stats["reconnects"] == 0 and nats_client.is_connected
+
+
+async def test_no_answer_in_time_is_a_timeout_and_weather(nats_client: Client) -> None:
+    async def silent(msg: Msg) -> None:
+        return None
+
+    await nats_client.subscribe("silent.subject", cb=silent)
+    publisher = Publisher(nats_client, timeout=0.2)
+    with pytest.raises(NatsTimeoutError) as caught:
+        await publisher.publish("silent.subject", b"{}")
+    assert not is_permanent(caught.value)
+    assert publisher._waiting == {}  # a late answer finds nothing to wake
+
+
+async def test_publish_until_stored_waits_out_a_full_stream(nats_client: Client) -> None:
+    js = nats_client.jetstream()
+    # A full stream that discards new messages answers 503 at once, like an election.
+    full = dataclasses.replace(p.server_streams()[1], max_msgs=1, discard=DiscardPolicy.NEW)
+    await js.update_stream(full)
+    await js.publish("pipelines.filler", b"{}")
+    publisher = Publisher(nats_client)
+    weather: list[tuple[int, Exception]] = []
+
+    async def purge_later() -> None:
+        await asyncio.sleep(0.5)
+        await js.purge_stream(p.PIPELINE_STREAM)
+
+    purging = asyncio.create_task(purge_later())
+    tries = await publisher.publish_until_stored(
+        p.RESULT_SUBJECT,
+        b"{}",
+        HEADERS,
+        backoff=Backoff(first=0.05, cap=0.1),
+        on_weather=lambda n, error: weather.append((n, error)),
+    )
+    await purging
+    assert tries > 1 and [n for n, _ in weather] == list(range(1, tries))
+    assert all(isinstance(error, ServiceUnavailableError) for _, error in weather)
+    assert not is_permanent(weather[0][1])
+    assert await stored(nats_client) == 1
+
+
+async def test_publish_until_stored_raises_a_permanent_refusal_at_once(
+    nats_client: Client,
+) -> None:
+    publisher = Publisher(nats_client)
+    weather: list[int] = []
+    with pytest.raises(MaxPayloadError):
+        await publisher.publish_until_stored(
+            p.RESULT_SUBJECT,
+            b"x" * (nats_client.max_payload + 1),
+            on_weather=lambda n, _error: weather.append(n),
+        )
+    assert weather == []
+
+
+def test_backoff_doubles_up_to_its_cap() -> None:
+    delays = list(itertools.islice(Backoff(first=0.1, cap=0.5).delays(), 5))
+    assert delays == [0.1, 0.2, 0.4, 0.5, 0.5]
+
+
+async def test_a_batch_answers_each_publish_in_order(nats_client: Client) -> None:
+    js = nats_client.jetstream()
+    config = (await js.stream_info(p.LOGS_STREAM)).config
+    await js.update_stream(dataclasses.replace(config, max_msg_size=1024))
+    publisher = Publisher(nats_client)
+    batch = publisher.batch()
+    await batch.send(p.log_subject("run-1"), b"{}")
+    await batch.send(p.log_subject("run-1"), b"x" * 2048)
+    await batch.send("nowhere.at.all", b"{}")
+    with pytest.raises(MaxPayloadError):  # never sent, never answered
+        await batch.send(p.log_subject("run-1"), b"x" * (nats_client.max_payload + 1))
+    await batch.send(p.log_subject("run-2"), b"{}")
+    answers = await batch.wait()
+    assert [type(answer) for answer in answers] == [
+        type(None),
+        BadRequestError,
+        NoStreamResponseError,
+        type(None),
+    ]
+    assert publisher._waiting == {}
+    assert await stored(nats_client, p.LOGS_STREAM) == 2
+
+
+async def test_a_batch_left_unanswered_reads_as_timeouts(nats_client: Client) -> None:
+    async def silent(msg: Msg) -> None:
+        return None
+
+    await nats_client.subscribe("silent.subject", cb=silent)
+    publisher = Publisher(nats_client)
+    batch = publisher.batch()
+    await batch.send(p.log_subject("run-1"), b"{}")
+    await batch.send("silent.subject", b"{}")
+    answers = await batch.wait(timeout=0.3)
+    assert answers[0] is None and isinstance(answers[1], NatsTimeoutError)
+    assert publisher._waiting == {}
+
+
+def answer(data: bytes, headers: dict[str, str] | None = None) -> Msg:
+    return Msg(_client=None, subject="_INBOX.x.1", data=data, headers=headers)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("data", "headers", "expected"),
+    [
+        (b'{"stream":"PIPELINES","seq":7}', None, None),
+        (b'{"stream":"PIPELINES","seq":7,"duplicate":true}', None, None),
+        (b'{"seq":7,"stream":"PIPELINES"}', None, None),  # another writer's key order
+        (b"", {"Status": "503"}, NoStreamResponseError),
+        (
+            b'{"error":{"code":503,"err_code":10077,"description":"maximum messages exceeded"},'
+            b'"stream":"PIPELINES","seq":0}',
+            None,
+            ServiceUnavailableError,
+        ),
+        (b'{"error":{"code":400,"err_code":10054,"description":"too big"}}', None, BadRequestError),
+        (b'{"error":{"code":418,"description":"odd"}}', None, APIError),
+        (b"not json", None, APIError),
+        (b"", None, APIError),
+    ],
+)
+def test_answers_are_read_one_way(
+    data: bytes, headers: dict[str, str] | None, expected: type[Exception] | None
+) -> None:
+    error = answer_error(answer(data, headers))
+    if expected is None:
+        assert error is None
+    else:
+        assert type(error) is expected
+
+
+def test_what_is_permanent() -> None:
+    permanent = answer_error(answer(b'{"error":{"code":418,"description":"odd"}}'))
+    unreadable = answer_error(answer(b"not json"))
+    assert permanent is not None and is_permanent(permanent)
+    assert unreadable is not None and not is_permanent(unreadable)
+    assert not is_permanent(ConnectionError())
