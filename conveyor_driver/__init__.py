@@ -11,14 +11,16 @@ async def build(ctx: Context) -> Result:
 """
 
 from ._version import __version__
-from .app import Driver
+from .app import Driver, Route
 from .context import Context
 from .errors import ConfigurationError, ConveyorDriverError
 from .models import Resource
 from .outcomes import Fail, Result, Retry
+from .process import CommandResult
 from .settings import Settings
 
 __all__ = [
+    "CommandResult",
     "ConfigurationError",
     "Context",
     "ConveyorDriverError",
@@ -27,6 +29,7 @@ __all__ = [
     "Resource",
     "Result",
     "Retry",
+    "Route",
     "Settings",
     "__version__",
 ]

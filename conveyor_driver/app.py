@@ -4,20 +4,30 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import attrs
 
 from . import protocol
 from .errors import ConfigurationError
+from .outcomes import Result
 from .process import KILL_GRACE
 
 if TYPE_CHECKING:
     from .context import Context
     from .settings import Settings
 
-Handler = Callable[["Context"], Any]
+#: What a handler may return, as Flask's ``ResponseReturnValue`` says what a view may:
+#: a :class:`Result`, ``None`` (success), or a JSON value (success, with it as ``data``).
+HandlerReturnValue: TypeAlias = (
+    Result | Mapping[str, Any] | Sequence[Any] | str | int | float | bool | None
+)
+#: A handler, sync or async, as Flask's ``RouteCallable``: the type checker refuses one
+#: whose return the runtime could only turn into a failure.
+Handler: TypeAlias = (
+    Callable[["Context"], HandlerReturnValue] | Callable[["Context"], Awaitable[HandlerReturnValue]]
+)
 Hook = Callable[[], Any]
 H = TypeVar("H", bound=Handler)
 K = TypeVar("K", bound=Hook)

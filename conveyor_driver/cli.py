@@ -385,20 +385,14 @@ def logs(run_id: str, **options: Any) -> None:
 
 
 async def _logs(settings: Settings, tls: TLSConfig | None, run_id: str, driver: str | None) -> None:
-    from .api import ConveyorAPIError, ConveyorClient
+    from .api import ConveyorClient
 
     client = ConveyorClient.from_settings(settings, tls)
     try:
         async for entry in client.stream_logs(run_id, driver):
             click.echo(f"{entry.timestamp} [{entry.driver}] {entry.message}")
-    except ConveyorAPIError as exc:
-        raise _APIFailed(str(exc)) from None
     finally:
         await client.close()
-
-
-class _APIFailed(ConveyorDriverError):
-    pass
 
 
 if __name__ == "__main__":

@@ -116,20 +116,6 @@ def resource_to_json(resource: Resource) -> dict[str, Any]:
     return body
 
 
-def encode_result_event(event: PipelineEvent) -> bytes:
-    """A result event as JSON; same shape as ``encode``."""
-    result = event.driverresult
-    return encode_result(
-        event.run_id,
-        event.resource,
-        result.success,
-        result.message,
-        result.data,
-        result.driver,
-        event=event.event,
-    )
-
-
 def encode_result(
     run_id: str,
     resource: Resource,
@@ -223,11 +209,6 @@ def encode_log_entry(entry: LogEntry) -> bytes:
             "message": entry.message,
         }
     )
-
-
-def encode(value: Any) -> bytes:
-    """Any wire model (or plain JSON value) as JSON bytes."""
-    return orjson.dumps(converter.unstructure(value))
 
 
 def decode_pipeline_event(data: bytes) -> PipelineEvent:

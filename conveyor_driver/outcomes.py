@@ -76,16 +76,19 @@ def duration(seconds: float) -> str:
     return f"{hours}h{minutes}m{secs}s" if hours else f"{minutes}m{secs}s"
 
 
-class Action(enum.Enum):
-    """How a message is settled with JetStream."""
+class Action(enum.StrEnum):
+    """How a message is settled with JetStream; equal to its value (``Action.ACK == "ack"``)."""
 
     ACK = "ack"
     NAK = "nak"
     TERM = "term"
 
 
-class Kind(enum.Enum):
-    """Why a message was settled the way it was (for logs, tests and metrics)."""
+class Kind(enum.StrEnum):
+    """Why a message was settled the way it was (for logs, tests and metrics).
+
+    Equal to its value (``Kind.SUCCESS == "success"``), so tests and logs may use either.
+    """
 
     SUCCESS = "success"
     FAILURE = "failure"

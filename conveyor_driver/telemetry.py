@@ -9,9 +9,11 @@ are set (see :func:`configure_from_env`), which needs ``conveyor-driver[otel]``.
 from __future__ import annotations
 
 import os
+import sys
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import metrics, propagate, trace
 from opentelemetry.context import Context as OtelContext
@@ -20,6 +22,10 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 from structlog.typing import EventDict, WrappedLogger
 
 from ._version import __version__
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.trace import TracerProvider
 
 INSTRUMENTATION = "conveyor_driver"
 
@@ -31,44 +37,68 @@ _RUN_BUCKETS = [0.005, 0.025, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 6
 _HTTP_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]
 
 
-class _Level:
-    """How many handlers run now in this process, read when metrics are collected.
+class _Running:
+    """How many handlers one driver runs now: a plain count, changed on its event loop only.
 
-    An SDK up-down counter costs a measurement per change, two per run; this is a plain
-    count, observed by ``conveyor.driver.inflight`` at collection instead. It is one per
-    process because the SDK keeps one instrument per name and drops the callbacks of later
-    registrations: every driver (and every ``serve()``) in the process adds to it, as they
-    all added to the one up-down counter before. The lock covers drivers in several threads.
+    An SDK up-down counter costs a measurement per change, two per run; this count is read
+    by ``conveyor.driver.inflight`` at collection instead. One driver's runs all start and
+    end on its event loop, so no lock is needed.
+    """
+
+    __slots__ = ("__weakref__", "value")
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def add(self, amount: int) -> None:
+        self.value += amount
+
+
+class _InflightGauge:
+    """The callback of ``conveyor.driver.inflight``: the sum over the drivers alive now.
+
+    The one piece of process-wide state here, because the instrument it feeds is
+    process-wide: OpenTelemetry keeps one instrument per name and drops the callbacks of
+    later registrations. A callback reading one driver's count would report the first
+    driver of the process for ever (its count stuck at 0 once it stopped) and never the
+    others; this one sums every driver's, whichever registered first. Counts are held
+    weakly, so a driver that has gone stops being summed. The lock covers drivers started
+    in several threads and the collector's own thread.
     """
 
     def __init__(self) -> None:
-        self._value = 0
+        self._counts: weakref.WeakSet[_Running] = weakref.WeakSet()
         self._lock = threading.Lock()
 
-    def add(self, amount: int) -> None:
+    def count(self) -> _Running:
+        """A new driver's count, summed from now on."""
+        running = _Running()
         with self._lock:
-            self._value += amount
+            self._counts.add(running)
+        return running
 
     def observe(self, _options: CallbackOptions) -> Iterable[Observation]:
-        return (Observation(self._value),)
+        with self._lock:
+            total = sum(running.value for running in self._counts)
+        return (Observation(total),)
 
 
-_INFLIGHT = _Level()
+_INFLIGHT = _InflightGauge()
 
 
 class Telemetry:
-    """The tracer and the instruments of one driver process.
+    """The tracer and the instruments of one driver, built once and handed to its parts.
 
-    Instruments are created once, from whatever meter provider is installed when the
-    driver starts; recording on the API's no-op instruments costs next to nothing.
+    The runtime builds one per :func:`~conveyor_driver.runtime.server.serve` and hands it
+    to the dispatcher, the API client and the log sinks, so that whether telemetry is on
+    is decided once and every part records on the same instruments. Instruments come from
+    whatever providers are installed when it is built; recording on the API's no-op
+    instruments costs next to nothing.
     """
 
     def __init__(self) -> None:
         self.tracer = trace.get_tracer(INSTRUMENTATION, _VERSION)
-        self._enabled = (
-            not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
-            or not _is_default_meter_provider()
-        )
+        self._enabled = _tracer_provider_installed() or _meter_provider_installed()
         self._meter = metrics.get_meter(INSTRUMENTATION, _VERSION)
         self.process_duration = self._meter.create_histogram(
             "messaging.process.duration",
@@ -81,7 +111,7 @@ class Telemetry:
             unit="{run}",
             description="Messages settled, by outcome (success, failure, retry, terminated)",
         )
-        self.inflight = _INFLIGHT
+        self.inflight = _INFLIGHT.count()
         self._meter.create_observable_up_down_counter(
             "conveyor.driver.inflight",
             callbacks=[_INFLIGHT.observe],
@@ -112,7 +142,8 @@ class Telemetry:
         return count
 
     def enabled(self) -> bool:
-        """Whether an SDK was installed when the driver started.
+        """Whether providers (the SDK's, or a tracer provider of the application's own)
+        were installed when the driver started.
 
         Without one, a run skips span and metric bookkeeping. Providers are set up before a
         driver starts (the CLI does it first), so the answer is taken once, not per message.
@@ -185,15 +216,15 @@ def configure_from_env(
     resource = Resource.create(attributes)
     shutdowns: list[Callable[[], Any]] = []
 
-    if otlp and isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+    if otlp and not _tracer_provider_installed():
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
         tracer_provider = TracerProvider(resource=resource)
         tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
         trace.set_tracer_provider(tracer_provider)
-        shutdowns.append(tracer_provider.shutdown)
+        _keep_if_taken(tracer_provider, trace.get_tracer_provider(), shutdowns)
 
-    if _is_default_meter_provider():
+    if not _meter_provider_installed():
         readers: list[MetricReader] = []
         if otlp:
             from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
@@ -209,7 +240,7 @@ def configure_from_env(
         if readers:
             meter_provider = MeterProvider(resource=resource, metric_readers=readers)
             metrics.set_meter_provider(meter_provider)
-            shutdowns.append(meter_provider.shutdown)
+            _keep_if_taken(meter_provider, metrics.get_meter_provider(), shutdowns)
 
     if not shutdowns:
         return None
@@ -221,9 +252,35 @@ def configure_from_env(
     return shutdown
 
 
-def _is_default_meter_provider() -> bool:
-    """Whether no application installed a meter provider (only the API's stand-ins are set)."""
-    return type(metrics.get_meter_provider()).__name__ in (
-        "_ProxyMeterProvider",
-        "NoOpMeterProvider",
+def _keep_if_taken(
+    ours: TracerProvider | MeterProvider, current: object, shutdowns: list[Callable[[], Any]]
+) -> None:
+    """Keep the provider just offered to the API if it took it; shut it down if not.
+
+    The API refuses a second provider with a warning, and an application's own one that
+    the checks above do not recognise (a no-op, a meter provider not built on the SDK)
+    looks unset from here: ours must then neither run nor be shut down at exit.
+    """
+    if current is ours:
+        shutdowns.append(ours.shutdown)
+    else:
+        ours.shutdown()
+
+
+def _tracer_provider_installed() -> bool:
+    """Whether a tracer provider was set: anything but the API's stand-in or its no-op."""
+    return not isinstance(
+        trace.get_tracer_provider(), trace.ProxyTracerProvider | trace.NoOpTracerProvider
     )
+
+
+def _meter_provider_installed() -> bool:
+    """Whether the SDK's meter provider (or one built on it) was set.
+
+    The API names no public class for its stand-in meter provider, so the SDK's class is
+    what is recognised. It is looked up among the modules already imported: an SDK
+    provider cannot exist without its module, and importing it here would cost every
+    driver's start-up the SDK.
+    """
+    sdk = sys.modules.get("opentelemetry.sdk.metrics")
+    return sdk is not None and isinstance(metrics.get_meter_provider(), sdk.MeterProvider)

@@ -19,17 +19,22 @@ import pytest
 import pytest_asyncio
 from _conveyor_api_server import SWAGGER_FILE, ConveyorAPIServer
 from _helpers import run_in_process, wait_until
+from cattrs import ClassValidationError
 
+from conveyor_driver import ConveyorDriverError, models
 from conveyor_driver.api import (
     APIUnavailable,
+    APIUnavailableError,
     ConveyorAPIError,
     ConveyorClient,
     NotFound,
+    NotFoundError,
     Pipeline,
     ResourceCreated,
     ResourceDefinition,
     Step,
 )
+from conveyor_driver.api import models as api_models
 from conveyor_driver.embedded import free_port
 from conveyor_driver.models import DriverMessage, LogEntry, Resource
 from conveyor_driver.testing import FakeContext, FakeConveyorClient
@@ -685,3 +690,21 @@ def test_the_contract_copy_matches_the_shared_one() -> None:
     if not shared.is_file():
         pytest.skip("no shared/conveyor beside this clone")
     assert SWAGGER_FILE.read_bytes() == shared.read_bytes()
+
+
+def test_api_errors_are_driver_errors_under_their_new_and_old_names() -> None:
+    # The CLI prints a ConveyorDriverError as one line: an API error reads as one too.
+    assert issubclass(ConveyorAPIError, ConveyorDriverError)
+    assert (NotFound, APIUnavailable) == (NotFoundError, APIUnavailableError)
+    assert issubclass(NotFoundError, ConveyorAPIError)
+    assert issubclass(APIUnavailableError, ConveyorAPIError)
+    error = APIUnavailableError("GET", "/health", "timed out after 1s")
+    assert (str(error), error.status) == ("GET /health got no answer: timed out after 1s", 0)
+
+
+def test_the_api_reads_go_nulls_without_changing_the_wire_converter() -> None:
+    answer = {"name": "ci", "resource": "pipeline", "steps": None, "metadata": None}
+    assert api_models.converter.structure(answer, Pipeline) == Pipeline("ci", "pipeline")
+    # The shared converter keeps its own hooks: the API's leniency is the API's alone.
+    with pytest.raises(ClassValidationError):
+        models.converter.structure(answer, Pipeline)

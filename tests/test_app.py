@@ -227,3 +227,14 @@ async def test_startup_and_shutdown_hooks_sync_and_async() -> None:
     for hook in [*driver.startup_hooks, *driver.shutdown_hooks]:
         await call_hook(hook)
     assert calls == ["sync start", "async start", "async stop", "sync stop"]
+
+
+def test_the_public_surface_names_the_route_and_what_ctx_run_returns() -> None:
+    import typing
+
+    import conveyor_driver
+    from conveyor_driver.app import Route
+
+    assert conveyor_driver.Route is Route
+    assert typing.get_type_hints(Context.run)["return"] is conveyor_driver.CommandResult
+    assert {"Route", "CommandResult"} <= set(conveyor_driver.__all__)

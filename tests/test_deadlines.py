@@ -18,6 +18,7 @@ from conveyor_driver.errors import ConfigurationError
 from conveyor_driver.logs.chain import build_logger
 from conveyor_driver.outcomes import duration
 from conveyor_driver.runtime.dispatcher import Delivery, HandlerThreads, Services, process
+from conveyor_driver.telemetry import Telemetry
 from conveyor_driver.testing import FakeConveyorClient, dispatch
 from conveyor_driver.testing.fixtures import running
 
@@ -94,7 +95,9 @@ async def test_the_handlers_timeout_wins_over_the_operators_over_the_drivers() -
     async def cleanup(ctx: Context) -> None:
         seen["cleanup"] = ctx.remaining()
 
-    services = Services(log=build_logger(level="error"), api=FakeConveyorClient(), timeout=20)
+    services = Services(
+        log=build_logger(level="error"), api=FakeConveyorClient(), telemetry=Telemetry(), timeout=20
+    )
     for kind in ("pipeline", "deployment"):
         body = (
             b'{"event":"create","run_id":"r1","id":"m",'
@@ -121,7 +124,12 @@ async def test_a_sync_handler_is_decided_at_its_deadline_and_its_thread_abandone
         return "done"
 
     pool = HandlerThreads(max_workers=1, thread_name_prefix="sleepy")
-    services = Services(log=build_logger(level="error"), api=FakeConveyorClient(), executor=pool)
+    services = Services(
+        log=build_logger(level="error"),
+        api=FakeConveyorClient(),
+        telemetry=Telemetry(),
+        executor=pool,
+    )
 
     def body(name: str) -> bytes:
         return (

@@ -14,9 +14,9 @@ from conveyor_driver.models import (
     LogEntry,
     PipelineEvent,
     Resource,
+    converter,
     decode_driver_message,
     decode_pipeline_event,
-    encode,
     encode_driver_message,
 )
 
@@ -28,6 +28,13 @@ RESOURCE_JSON: dict[str, Any] = {
     "metadata": {"version": "1"},
     "spec": {"repo": "https://example.com/app.git", "steps": [1, 2]},
 }
+
+
+def encode(value: Any) -> bytes:
+    """A wire model as JSON through the one converter: the shape the server reads back."""
+    return orjson.dumps(converter.unstructure(value))
+
+
 EXPECTED = Resource(
     id="0b6d3c5e",
     name="my-app",

@@ -32,6 +32,7 @@ from conveyor_driver.errors import NatsUnavailableError, StreamMissingError
 from conveyor_driver.logs.chain import build_logger
 from conveyor_driver.runtime.consumer import Consumer
 from conveyor_driver.runtime.dispatcher import Services
+from conveyor_driver.telemetry import Telemetry
 from conveyor_driver.testing import FakeConveyorClient
 from conveyor_driver.testing.fixtures import running
 
@@ -658,7 +659,7 @@ async def test_result_publish_is_acknowledged_by_the_stream_or_refused(
     consumer = Consumer(
         nats_client,
         driver,
-        Services(log=log, api=FakeConveyorClient()),
+        Services(log=log, api=FakeConveyorClient(), telemetry=Telemetry()),
         concurrency=1,
         log=log,
     )

@@ -11,6 +11,7 @@ from conveyor_driver import Context, Driver, Result
 from conveyor_driver import protocol as p
 from conveyor_driver.runtime.consumer import Consumer
 from conveyor_driver.runtime.dispatcher import Services
+from conveyor_driver.telemetry import Telemetry
 from conveyor_driver.testing import FakeConveyorClient
 from conveyor_driver.testing.fake import LogRecorder
 
@@ -34,7 +35,11 @@ async def test_a_result_refused_for_good_is_logged_once_and_the_run_is_settled(
     recorder = LogRecorder()
     log = recorder.logger()
     consumer = Consumer(
-        nats_client, driver, Services(log=log, api=FakeConveyorClient()), concurrency=1, log=log
+        nats_client,
+        driver,
+        Services(log=log, api=FakeConveyorClient(), telemetry=Telemetry()),
+        concurrency=1,
+        log=log,
     )
     await consumer.ensure()
     await consumer.start()

@@ -8,6 +8,8 @@ import contextlib
 import json
 import secrets
 import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
@@ -502,6 +504,37 @@ def test_configure_from_env_keeps_the_providers_an_application_installed() -> No
     assert metrics.get_meter_provider() is meter_provider
 
 
+_NO_OP_PROVIDERS = """
+from opentelemetry import metrics, trace
+trace.set_tracer_provider(trace.NoOpTracerProvider())
+metrics.set_meter_provider(metrics.NoOpMeterProvider())
+from conveyor_driver.telemetry import Telemetry, configure_from_env
+shutdown = configure_from_env(
+    "quiet", prometheus=True, environ={"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"}
+)
+print(
+    shutdown is None,
+    type(trace.get_tracer_provider()).__name__,
+    type(metrics.get_meter_provider()).__name__,
+    Telemetry().enabled(),
+)
+"""
+
+
+@pytest.mark.process
+def test_no_op_providers_an_application_chose_mean_telemetry_off_and_are_kept() -> None:
+    # A process of its own: this one has SDK providers set for good.
+    done = subprocess.run(
+        [sys.executable, "-c", _NO_OP_PROVIDERS],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env_without_otel(),
+        timeout=TIMEOUT,
+    )
+    assert done.stdout.split() == ["True", "NoOpTracerProvider", "NoOpMeterProvider", "False"]
+
+
 def env_without_otel(**extra: str) -> dict[str, str]:
     """The CLI's environment with no OTEL_* a developer may have exported, plus ``extra``."""
     env = {k: v for k, v in clean_env().items() if not k.startswith("OTEL_")}
@@ -654,3 +687,45 @@ async def test_run_exports_traces_and_metrics_over_otlp_when_otel_env_asks(
     assert {r.get("service.name") for r in receiver.resources} == {"worker"}
     assert receiver.runs == {"success": 1}
     assert {"messaging.process.duration", "conveyor.driver.inflight"} <= set(receiver.metric_names)
+
+
+async def test_inflight_sums_every_driver_in_the_process(
+    otel: Recorder, nats_server: EmbeddedNats, nats_client: Client
+) -> None:
+    # OpenTelemetry keeps the callback of the first registration only: whichever driver
+    # registered first, the one gauge reports the handlers of all of them.
+    release = asyncio.Event()
+    started: list[str] = []
+
+    def blocked(name: str) -> Driver:
+        driver = Driver(name)
+
+        @driver.on(name)
+        async def build(ctx: Context) -> None:
+            started.append(name)
+            await release.wait()
+
+        return driver
+
+    def inflight() -> list[float]:
+        return [p.value for p in otel.metrics().get("conveyor.driver.inflight", [])]
+
+    js = nats_client.jetstream()
+    async with (
+        running(blocked("first"), nats_server.url),
+        running(blocked("second"), nats_server.url),
+        raw_results(nats_client) as results,
+    ):
+        run_ids = []
+        for name in ("first", "second"):
+            run_id, body = driver_message(resource_json("app", name))
+            await js.publish(protocol.resource_subject(name), body)
+            run_ids.append(run_id)
+        try:
+            await wait_until(lambda: len(started) == 2, what="both handlers running")
+            assert inflight() == [2]
+        finally:
+            release.set()
+        for run_id in run_ids:
+            await results.wait(run_id)
+        assert inflight() == [0]

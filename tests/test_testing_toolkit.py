@@ -330,3 +330,13 @@ async def test_dispatch_plain_return_values(value: Any) -> None:
     report = await dispatch(make_driver(build), RESOURCE)
     assert report.result == Result(True, "", value)
     assert (report.action, report.kind) == ("ack", "success")
+
+
+async def test_dispatch_reports_the_runtimes_enums_which_equal_their_strings() -> None:
+    async def build(ctx: Context) -> None:
+        return None
+
+    report = await dispatch(make_driver(build), RESOURCE)
+    assert (report.action, report.kind) == (outcomes.Action.ACK, outcomes.Kind.SUCCESS)
+    assert (report.action, report.kind) == ("ack", "success")
+    assert f"{report.action}/{report.kind}" == "ack/success"

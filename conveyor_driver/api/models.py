@@ -1,7 +1,9 @@
 """The shapes only the API server speaks (``pkg/types`` of the Go server).
 
 ``Resource``, ``DriverMessage`` and the log line (``LogEntry``) travel over NATS too and
-live in :mod:`conveyor_driver.models`; their hooks, and these, are on the one converter.
+live in :mod:`conveyor_driver.models`. The API reads its answers with a converter of its
+own, a copy of the wire converter with the hooks below added: importing this module leaves
+the wire converter as it was.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from typing import Any
 import attrs
 from cattrs.gen import make_dict_structure_fn
 
-from ..models import LogEntry, converter
+from ..models import LogEntry
+from ..models import converter as _wire_converter
 
 
 @attrs.frozen
@@ -54,6 +57,10 @@ class ResourceCreated:
     runid: str
     version: str = ""
     message: str = ""
+
+
+#: The wire converter's hooks plus the API's own: what the client structures answers with.
+converter = _wire_converter.copy()
 
 
 def _without_nulls(cls: type[Any]) -> None:

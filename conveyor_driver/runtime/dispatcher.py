@@ -72,7 +72,8 @@ class Processed:
 
 @attrs.frozen
 class Services:
-    """What the runtime hands every run: the driver logger, the API client, a thread pool.
+    """What the runtime hands every run: the driver logger, the API client, the driver's
+    telemetry, a thread pool.
 
     ``timeout`` is the operator's default deadline (``--timeout``), in place of the
     driver's; a handler's own ``timeout=`` still wins, being the more specific.
@@ -80,8 +81,8 @@ class Services:
 
     log: FilteringBoundLogger
     api: ConveyorClient
+    telemetry: Telemetry
     executor: Executor | None = None
-    telemetry: Telemetry = attrs.field(factory=Telemetry)
     timeout: float | None = None
 
 
@@ -296,7 +297,7 @@ async def _call_until(
     if route.is_async:
         try:
             async with asyncio.timeout(timeout) as window:
-                return await route.handler(ctx)
+                return await route.handler(ctx)  # type: ignore[misc]  # is_async: a coroutine
         except TimeoutError:
             if window.expired():
                 raise outcomes.TimedOut(timeout) from None
@@ -325,7 +326,7 @@ def _call(route: Route, ctx: Context, executor: Executor | None) -> Awaitable[An
     handler runs in a copy of the current context, taken here, inside the run's scope.
     """
     if route.is_async:
-        return route.handler(ctx)  # type: ignore[no-any-return]
+        return route.handler(ctx)  # type: ignore[return-value]  # is_async: a coroutine
     loop = asyncio.get_running_loop()
     run = functools.partial(contextvars.copy_context().run, route.handler, ctx)
     return loop.run_in_executor(executor, run)

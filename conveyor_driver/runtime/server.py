@@ -118,7 +118,7 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
         if ledger is not None:
             ledger.publisher = publisher
         state.nc = nc
-        api = ConveyorClient.from_settings(settings, tls, log=log)
+        api = ConveyorClient.from_settings(settings, tls, log=log, telemetry=telemetry)
         stack.push_async_callback(api.close)
         executor = HandlerThreads(max_workers=concurrency, thread_name_prefix=driver.name)
         stack.callback(executor.shutdown, wait=False, cancel_futures=True)

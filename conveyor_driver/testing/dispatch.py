@@ -11,8 +11,9 @@ from .. import protocol
 from ..api import ConveyorClient
 from ..app import Driver
 from ..models import DriverMessage, Resource, encode_driver_message
-from ..outcomes import Result
+from ..outcomes import Action, Kind, Result
 from ..runtime.dispatcher import Delivery, Services, process
+from ..telemetry import Telemetry
 from .fake import LogRecorder, as_resource
 from .fake_api import FakeConveyorClient
 
@@ -24,13 +25,15 @@ class DispatchReport:
     ``action`` is ``"ack"``, ``"nak"`` (redelivered after ``delay`` seconds) or ``"term"``;
     ``kind`` says why: ``success``, ``failure``, ``retry``, ``gave_up``, ``undecodable``,
     ``unrouted`` (a step addressed to this driver that no handler takes: a failure result)
-    or ``skipped`` (a broadcast event no handler takes: acked quietly).
+    or ``skipped`` (a broadcast event no handler takes: acked quietly). Both are the
+    runtime's own enums, :class:`~conveyor_driver.outcomes.Action` and
+    :class:`~conveyor_driver.outcomes.Kind`, which compare equal to those strings.
     """
 
     result: Result | None
-    action: str
+    action: Action = attrs.field(converter=Action)
     delay: float | None
-    kind: str
+    kind: Kind = attrs.field(converter=Kind)
     logs: list[dict[str, Any]]
 
 
@@ -60,6 +63,7 @@ async def dispatch(
     services = Services(
         log=recorder.logger().bind(driver=driver.name),
         api=api if api is not None else FakeConveyorClient(),
+        telemetry=Telemetry(),
     )
     delivery = Delivery(
         data=encode_driver_message(message),
@@ -74,8 +78,8 @@ async def dispatch(
     outcome = processed.outcome
     return DispatchReport(
         result=outcome.result,
-        action=outcome.action.value,
+        action=outcome.action,
         delay=outcome.delay,
-        kind=outcome.kind.value,
+        kind=outcome.kind,
         logs=recorder.entries,
     )

@@ -2,7 +2,7 @@
 
 It has every method of :class:`~conveyor_driver.api.ConveyorClient` and answers the way the
 server does: a created resource is version 1 and every update adds a version, an unknown
-name raises :class:`~conveyor_driver.api.NotFound`, a duplicate create fails. Each call is
+name raises :class:`~conveyor_driver.api.NotFoundError`, a duplicate create fails. Each call is
 recorded in ``calls``, so a test can assert what a handler asked for.
 
 api = FakeConveyorClient(resources=[Resource(name="app", type="pipeline", spec={...})])
@@ -20,7 +20,8 @@ from typing import Any
 
 import attrs
 
-from ..api.client import ConveyorAPIError, ConveyorClient, NotFound
+from ..api.client import ConveyorClient
+from ..api.errors import ConveyorAPIError, NotFoundError
 from ..api.models import Pipeline, ResourceCreated, ResourceDefinition
 from ..models import DriverMessage, LogEntry, Resource
 
@@ -125,7 +126,7 @@ class FakeConveyorClient(ConveyorClient):
         for resource in self._versions.get((type, name), []):
             if resource.metadata.get("version") == str(version):
                 return resource
-        raise NotFound(
+        raise NotFoundError(
             404,
             "GET",
             f"/resources/{type}/{name}/{version}",
@@ -229,7 +230,7 @@ class FakeConveyorClient(ConveyorClient):
     def _latest(self, type: str, name: str, method: str) -> Resource:
         versions = self._versions.get((type, name))
         if not versions:
-            raise NotFound(
+            raise NotFoundError(
                 404,
                 method,
                 f"/resources/{type}/{name}",
@@ -244,7 +245,7 @@ class FakeConveyorClient(ConveyorClient):
 
     def _definition(self, name: str, method: str) -> ResourceDefinition:
         if name not in self.definitions:
-            raise NotFound(
+            raise NotFoundError(
                 404,
                 method,
                 f"/resource-definitions/{name}",
@@ -254,7 +255,7 @@ class FakeConveyorClient(ConveyorClient):
 
     def _pipeline(self, name: str, method: str) -> Pipeline:
         if name not in self.pipelines:
-            raise NotFound(404, method, f"/pipelines/{name}", f"pipeline {name} not found")
+            raise NotFoundError(404, method, f"/pipelines/{name}", f"pipeline {name} not found")
         return self.pipelines[name]
 
     async def _request(self, method: str, path: str, **_: Any) -> Any:
