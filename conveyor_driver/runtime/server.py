@@ -1,8 +1,8 @@
 """Serving a driver: wire the parts together, consume until a signal, shut down cleanly.
 
-Start-up order matters: the consumer is created before anything else can fail late, so
-that events published while the driver starts are kept (the ``messages`` stream drops what
-no consumer is interested in). Shutdown runs in reverse: stop pulling, let handlers finish,
+Start-up order matters: the run ledger and then the consumer are set up before anything
+else can fail late, so that events published while the driver starts are kept (the
+``messages`` stream drops what no consumer is interested in) and recorded. Shutdown runs in reverse: stop pulling, let handlers finish,
 flush logs, run shutdown hooks, close the API session, drain NATS.
 """
 
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from .. import protocol
 from ..api import ConveyorClient
-from ..errors import ConsumerSetupError, ConveyorDriverError
+from ..errors import ConsumerSetupError, ConveyorDriverError, StreamMissingError
 from ..logs.chain import build_logger
 from ..logs.loki import LokiSink
 from ..logs.nats import NatsLogSink
@@ -106,6 +106,9 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
             timeout=settings.startup_timeout,
         )
         stack.push_async_callback(_close, nc)
+        # The ledger first: once the consumer exists (what tests and operators watch for),
+        # every delivery can be recorded.
+        ledger = await _open_ledger(nc, driver, settings, deadline, log)
         await until_ready(
             lambda: ensure_consumer(nc, driver),
             ensuring_what(driver),
@@ -113,7 +116,6 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
             deadline=deadline,
             log=log,
         )
-        ledger = await _open_ledger(nc, driver, settings, deadline, log)
         publisher = Publisher(nc)
         if ledger is not None:
             ledger.publisher = publisher
@@ -205,6 +207,8 @@ async def _open_ledger(
             deadline=deadline,
             log=log,
         )
+    except StreamMissingError:
+        raise  # the driver could not consume either: that, not the ledger, is the news
     except ConveyorDriverError as exc:
         raise ConsumerSetupError(f"{exc} (or run with --no-ledger to go without it)") from None
 
