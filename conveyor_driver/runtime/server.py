@@ -2,8 +2,9 @@
 
 Start-up order matters: the run ledger and then the consumer are set up before anything
 else can fail late, so that events published while the driver starts are kept (the
-``messages`` stream drops what no consumer is interested in) and recorded. Shutdown runs in reverse: stop pulling, let handlers finish,
-flush logs, run shutdown hooks, close the API session, drain NATS.
+``messages`` stream drops what no consumer is interested in) and recorded. Shutdown runs
+in reverse: stop pulling, let handlers finish, flush logs, run shutdown hooks, close the
+API session, drain NATS.
 """
 
 from __future__ import annotations
