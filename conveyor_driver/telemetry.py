@@ -109,7 +109,7 @@ class Telemetry:
         self.runs = self._meter.create_counter(
             "conveyor.driver.runs",
             unit="{run}",
-            description="Messages settled, by outcome (success, failure, retry, terminated)",
+            description="Messages settled, by outcome (success, failure, retry, skipped...)",
         )
         self.inflight = _INFLIGHT.count()
         self._meter.create_observable_up_down_counter(
@@ -128,6 +128,17 @@ class Telemetry:
             unit="s",
             description="Duration of Conveyor API requests",
             explicit_bucket_boundaries_advisory=_HTTP_BUCKETS,
+        )
+        self.loop_blocked = self._meter.create_histogram(
+            "conveyor.driver.loop_blocked",
+            unit="s",
+            description="How long the event loop stood still, once per block past the threshold",
+            explicit_bucket_boundaries_advisory=_RUN_BUCKETS,
+        )
+        self.abandoned_threads = self._meter.create_counter(
+            "conveyor.driver.abandoned_threads",
+            unit="{thread}",
+            description="Sync handlers left running past their deadline",
         )
 
     def count_run(self, outcome: str) -> None:

@@ -729,3 +729,35 @@ async def test_inflight_sums_every_driver_in_the_process(
         for run_id in run_ids:
             await results.wait(run_id)
         assert inflight() == [0]
+
+
+async def test_a_blocked_loop_and_an_abandoned_thread_are_measured(
+    otel: Recorder, nats_server: EmbeddedNats, nats_client: Client
+) -> None:
+    import time
+
+    driver = Driver("measured-blocks", timeout=0.3, max_attempts=1)
+
+    @driver.on("pipeline")
+    async def blocks(ctx: Context) -> None:
+        time.sleep(1.2)  # noqa: ASYNC251 - the block under measure
+
+    @driver.on("deployment")
+    def hangs(ctx: Context) -> None:
+        time.sleep(1.0)
+
+    async with (
+        running(driver, nats_server.url, block_threshold=0.3) as _task,
+        raw_results(nats_client) as results,
+    ):
+        for kind in ("pipeline", "deployment"):
+            run_id, body = driver_message(resource_json("app", kind))
+            await nats_client.jetstream().publish(f"resources.{kind}", body)
+            await results.wait(run_id)
+        await asyncio.sleep(0.5)  # the watchdog sees the loop turn again
+        found = otel.metrics()
+
+    [blocked] = found["conveyor.driver.loop_blocked"]
+    assert blocked.count == 1 and 0.8 < blocked.value < 5
+    [abandoned] = found["conveyor.driver.abandoned_threads"]
+    assert abandoned.value == 1

@@ -230,7 +230,7 @@ async def _decide(
             if timeout is None:
                 value = await _call(route, ctx, services.executor)
             else:
-                value = await _call_until(route, ctx, services.executor, timeout, log)
+                value = await _call_until(route, ctx, services, timeout, log)
     except BaseException as exc:
         # SystemExit, KeyboardInterrupt & co. raised by a handler are its failure, not a
         # request to stop the driver: signals reach the runtime through its own handlers.
@@ -284,7 +284,7 @@ def _timeout_of(route: Route, driver: Driver, services: Services) -> float | Non
 async def _call_until(
     route: Route,
     ctx: Context,
-    executor: Executor | None,
+    services: Services,
     timeout: float,
     log: FilteringBoundLogger,
 ) -> Any:
@@ -294,6 +294,7 @@ async def _call_until(
     unwinds). A sync one cannot be: its outcome is decided at the deadline all the same,
     and its thread is abandoned to finish on its own.
     """
+    executor = services.executor
     if route.is_async:
         try:
             async with asyncio.timeout(timeout) as window:
@@ -310,6 +311,7 @@ async def _call_until(
             return future.result()
     if isinstance(executor, HandlerThreads):
         executor.abandon()
+    services.telemetry.abandoned_threads.add(1)
     log.warning(
         "sync handler abandoned at its deadline; its thread runs on until it returns",
         handler=route.name,

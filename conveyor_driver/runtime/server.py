@@ -152,6 +152,7 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
                 log,
                 threshold=settings.block_threshold,
                 describe=consumer.describe,
+                on_block=telemetry.loop_blocked.record,
             )
             watchdog.start()
             stack.callback(watchdog.stop)
