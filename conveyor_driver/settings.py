@@ -7,9 +7,8 @@ Why one table: ``driver.run()`` and ``conveyor-driver run`` must start the same 
 the same environment, and two readers drift apart (a variable one of them ignores, a value
 one refuses and the other takes). So :data:`~.variables.VARIABLES` names every variable
 once, with its field, its parser and its command-line option; :meth:`Settings.from_env` is
-the only
-reader, the CLI passes it the options given on its command line as overrides, and the
-validators on the settings classes are the only rules. An invalid value is one
+the only reader, the CLI passes it the options given on its command line as overrides, and
+the validators on the settings classes are the only rules. An invalid value is one
 :class:`ConfigurationError` line naming the variable or the option it came from.
 """
 
