@@ -256,7 +256,8 @@ def _unrouted(
 
     A broadcast (``resources.<type>``) goes to every driver of the type, so not handling
     some of its events is normal. A step addressed to this driver is the pipeline waiting
-    for it: without a result the pipeline would stall forever, so a failure moves it on.
+    for it: without a result it would wait forever; a failure ends it (the server stops a
+    pipeline at a failed step).
     """
     resource_type = message.payload.type
     if not protocol.is_addressed(delivery.subject):
