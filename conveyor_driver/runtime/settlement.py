@@ -173,7 +173,8 @@ class Settlement:
                 error=text,
             )
             body = self._encode(message, Result.fail(text))
-        if self._ledger is not None and admission.record is not None:
+        if keeping:
+            assert self._ledger is not None and admission.record is not None
             try:
                 decided = await self._ledger.decide(admission.record, stream_sequence, body)
             except Fenced as fenced:
@@ -185,15 +186,6 @@ class Settlement:
                 return False
             admission = attrs.evolve(admission, record=decided)
         refused = await self._store(body, headers, message.run_id)
-        if isinstance(refused, MaxPayloadError):
-            text = self._too_large(result)
-            self._log.error(
-                "result too large to publish; reporting a failure",
-                run_id=message.run_id,
-                error=text,
-            )
-            body = self._encode(message, Result.fail(text))
-            refused = await self._store(body, headers, message.run_id)
         if refused is not None:
             too_large = isinstance(refused, MaxPayloadError) or (
                 isinstance(refused, APIError) and refused.err_code == _TOO_LARGE
