@@ -61,9 +61,13 @@ async def stored_lines(nc: Client, run_id: str) -> list[dict[str, Any]]:
     The stream is a work queue, where consumers may not overlap: one ephemeral consumer,
     deleted afterwards (in tests no server consumer competes for the lines).
     """
+    return await _read_stored(nc, p.log_subject(run_id))
+
+
+async def _read_stored(nc: Client, subject: str) -> list[dict[str, Any]]:
     js = nc.jetstream()
     expected = (await js.stream_info(p.LOGS_STREAM)).state.messages
-    sub = await js.pull_subscribe(p.log_subject(run_id), stream=p.LOGS_STREAM)
+    sub = await js.pull_subscribe(subject, stream=p.LOGS_STREAM)
     entries: list[dict[str, Any]] = []
     try:
         loop = asyncio.get_running_loop()
@@ -222,23 +226,7 @@ def marker(size: int) -> str:
 
 async def all_stored(nc: Client) -> list[dict[str, Any]]:
     """Every entry in the ``logs-engine`` stream, whatever the run (one consumer, deleted)."""
-    js = nc.jetstream()
-    expected = (await js.stream_info(p.LOGS_STREAM)).state.messages
-    sub = await js.pull_subscribe("logs.>", stream=p.LOGS_STREAM)
-    entries: list[dict[str, Any]] = []
-    try:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + TIMEOUT
-        while len(entries) < expected and loop.time() < deadline:
-            with contextlib.suppress(nats.errors.TimeoutError):
-                for msg in await sub.fetch(expected - len(entries), timeout=2):
-                    entries.append(json.loads(msg.data))
-                    await msg.ack()
-        name = (await sub.consumer_info()).name
-    finally:
-        await sub.unsubscribe()
-    await js.delete_consumer(p.LOGS_STREAM, name)
-    return entries
+    return await _read_stored(nc, "logs.>")
 
 
 def messages_of(entries: list[dict[str, Any]], run_id: str) -> list[str]:
