@@ -61,6 +61,7 @@ _RUN = (
     "http_host",
     "startup_timeout",
     "block_threshold",
+    "lag_interval",
     "ledger",
     "ledger_ttl",
     "timeout",
@@ -190,6 +191,26 @@ def run(app: str | None, **options: Any) -> None:
     settings = _settings(options, _RUN)
     driver: Driver = load_driver(_app(app))
     driver.run(settings)
+
+
+_LAG: tuple[str, ...] = ("nats_urls", "http_port", "http_host", "startup_timeout")
+_LAG += ("lag_interval", "log_level", "log_format", *_TLS)
+
+
+@main.command()
+@_APP
+@_options(*_LAG)
+@_friendly_errors
+def lag(app: str | None, **options: Any) -> None:
+    """Serve APP's backlog on /metrics (with /healthz, /readyz); run no handler, pull nothing.
+
+    For an autoscaler that scales APP from zero. Creates APP's consumer if it is missing,
+    so that events are kept; never changes an existing one.
+    """
+    from .runtime.lag import serve_lag
+
+    settings = _settings(options, _LAG)
+    _run_async(serve_lag(load_driver(_app(app)), settings))
 
 
 @main.command()

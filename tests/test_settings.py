@@ -146,6 +146,14 @@ CASES = [
         ("0", "-2", "long"),
     ),
     Case(
+        "CONVEYOR_LAG_INTERVAL",
+        "--lag-interval",
+        "0.5",
+        0.5,
+        lambda s: s.lag_interval,
+        ("0", "-1", "often"),
+    ),
+    Case(
         "CONVEYOR_LOKI_URL",
         "--loki-url",
         "http://loki:3100",

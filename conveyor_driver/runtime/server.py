@@ -27,6 +27,7 @@ from ..logs.stdlib import bridged
 from ..settings import Settings
 from ..telemetry import Telemetry
 from ..tls import load_tls
+from .backlog import BacklogWatch
 from .connection import connect
 from .consumer import Consumer, ensure_consumer, ensuring_what
 from .dispatcher import HandlerThreads, Services
@@ -157,6 +158,10 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
             watchdog.start()
             stack.callback(watchdog.stop)
             state.watchdog = watchdog
+            if settings.http_port is not None or telemetry.sdk_metrics:
+                backlog = BacklogWatch(nc, driver.name, settings.lag_interval, log)
+                backlog.start()
+                stack.push_async_callback(backlog.stop)
         except BaseException:
             await sink.close()
             raise
