@@ -63,6 +63,8 @@ class Metrics:
         self.session = session
         self.port = port
         self.families: dict[str, str] = {}
+        #: Which samples came through the SDK (it labels them with its scope).
+        self.via_sdk: set[str] = set()
 
     async def get(self, path: str) -> tuple[int, Any]:
         async with self.session.get(f"http://127.0.0.1:{self.port}{path}") as response:
@@ -79,7 +81,11 @@ class Metrics:
             for sample in family.samples:
                 # The SDK adds its scope as labels; the names and our labels are the scheme.
                 labels = {k: v for k, v in sample.labels.items() if not k.startswith("otel_")}
-                samples[(sample.name, tuple(sorted(labels.items())))] = sample.value
+                if "otel_scope_name" in sample.labels:
+                    self.via_sdk.add(sample.name)
+                key = (sample.name, tuple(sorted(labels.items())))
+                assert key not in samples, f"{key} exported twice:\n{text}"
+                samples[key] = sample.value
         return samples
 
     async def backlog(self) -> tuple[float | None, ...]:
@@ -173,6 +179,9 @@ async def test_the_backlog_gauges_match_the_consumer_while_messages_pile_up_and_
         assert metrics.families.get(name) == kind, (name, metrics.families)
     # The SDK reports its resource as target_info: the process without it really had none.
     assert ("target_info" in metrics.families) is sdk
+    # With the SDK, the SDK exports them (so OTLP carries them too), and nothing else does.
+    expected = {"conveyor_driver_backlog", "conveyor_driver_runs_total"} if sdk else set()
+    assert expected == metrics.via_sdk & {"conveyor_driver_backlog", "conveyor_driver_runs_total"}
 
 
 @pytest.mark.process
