@@ -202,15 +202,13 @@ _LAG += ("lag_interval", "log_level", "log_format", *_TLS)
 @_options(*_LAG)
 @_friendly_errors
 def lag(app: str | None, **options: Any) -> None:
-    """Serve APP's backlog on /metrics (with /healthz, /readyz); run no handler, pull nothing.
+    """Serve APP's backlog on /metrics, to scale it from zero; run no handler, pull nothing.
 
-    For an autoscaler that scales APP from zero. Creates APP's consumer if it is missing,
-    so that events are kept; never changes an existing one.
+    Creates APP's consumer if it is missing, so that events are kept; never changes one.
     """
     from .runtime.lag import serve_lag
 
-    settings = _settings(options, _LAG)
-    _run_async(serve_lag(load_driver(_app(app)), settings))
+    _run_async(serve_lag(load_driver(_app(app)), _settings(options, _LAG)))
 
 
 @main.command()

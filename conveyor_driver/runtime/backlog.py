@@ -81,8 +81,8 @@ class BacklogWatch:
             info = await js.consumer_info(
                 protocol.MESSAGES_STREAM, self._consumer, timeout=min(self._interval, 5.0)
             )
-        except NotFoundError:
-            self._failed("the consumer does not exist")
+        except NotFoundError as exc:
+            self._failed(exc.description or "the consumer does not exist")
             if self._restore is not None:
                 with contextlib.suppress(NatsError, TimeoutError):
                     await self._restore()
