@@ -226,6 +226,40 @@ async def test_lag_mode_runs_no_handler_and_serves_the_backlog(
 
 
 @pytest.mark.process
+async def test_lag_mode_leaves_an_existing_consumer_alone_and_puts_back_a_deleted_one(
+    nats_server: EmbeddedNats, nats_client: Client
+) -> None:
+    # The consumer of another version of the app: lag must not rewrite it.
+    other = Driver("gated", ack_wait=99.0)
+
+    @other.on("job")
+    async def work(ctx: Context) -> None: ...
+
+    await ensure_consumer(nats_client, other)
+    port = free_port()
+    args = ("--nats-url", nats_server.url, "--http-port", str(port), "--lag-interval", "0.5")
+    created = "consumer was missing: created it, so that events are kept"
+    async with (
+        child(*CLI, "lag", GATED, *args, "--log-format", "json") as proc,
+        scraping(port) as metrics,
+    ):
+        await proc.wait_for_log("backlog exporter started")
+        await publish_jobs(nats_client, 2)
+        await until_backlog(nats_client, metrics, 2, 0)
+        assert (await consumer_info(nats_client, "gated")).config.ack_wait == 99.0
+        assert not any(record.get("event") == created for record in proc.records)
+
+        await nats_client.jetstream().delete_consumer(protocol.MESSAGES_STREAM, "gated")
+        await proc.wait_for_log(created)
+        # Put back as the driver would create it, and reported again from zero.
+        assert (await consumer_info(nats_client, "gated")).config.ack_wait == 30.0
+        await publish_jobs(nats_client, 1)
+        await until_backlog(nats_client, metrics, 1, 0)
+    warned = [r for r in proc.records if r.get("event", "").startswith("backlog unknown")]
+    assert [r["consumer"] for r in warned] == ["gated"], proc.output
+
+
+@pytest.mark.process
 async def test_lag_mode_needs_the_http_port(nats_server: EmbeddedNats) -> None:
     done = await run_cli("lag", GATED, "--nats-url", nats_server.url)
     assert done.returncode == 1
