@@ -9,8 +9,8 @@ through anyway). Each series has exactly one source in a process, so none appear
   ``conveyor.driver.runs`` on the SDK and registers the backlog gauges as OpenTelemetry
   observable gauges reading :data:`BACKLOGS` (then OTLP carries them too); the SDK's
   Prometheus reader names them ``conveyor_driver_runs_total``, ``conveyor_driver_backlog``...
-- otherwise the runs are counted in :data:`RUNS`, and the collector here renders them and
-  the backlog under exactly those names.
+- otherwise each driver counts its runs in a tally of :data:`RUNS`, and the collector here
+  renders them and the backlog under exactly those names.
 
 The collector renders a family only while the SDK does not have it.
 
@@ -117,27 +117,48 @@ class _Backlogs:
         return found
 
 
-class _RunCounts:
-    """``conveyor.driver.runs`` when no SDK counts it: one number per outcome.
+class _Tally:
+    """One driver's run counts, shaped like an OpenTelemetry counter (``add``).
 
-    Shaped like an OpenTelemetry counter (``add(amount, attributes)``), so the dispatcher
-    records on whichever it was given. The lock covers drivers in several threads and the
-    scrape's thread; a run costs one uncontended acquire.
+    A driver counts on its own event loop, so one thread writes a tally and no lock is
+    paid per run; a scrape copies it (one C call under the GIL, never half-written).
     """
 
+    __slots__ = ("counts",)
+
     def __init__(self) -> None:
-        self._counts: dict[str, int] = {}
-        self._lock = threading.Lock()
-        self.used = False
+        self.counts: dict[str, int] = {}
 
     def add(self, amount: int, attributes: Mapping[str, str]) -> None:
         outcome = attributes["outcome"]
+        self.counts[outcome] = self.counts.get(outcome, 0) + amount
+
+
+class _RunCounts:
+    """``conveyor.driver.runs`` when no SDK counts it: the sum of every driver's tally.
+
+    Tallies are kept after their driver stops, so the counter never goes down.
+    """
+
+    def __init__(self) -> None:
+        self._tallies: list[_Tally] = []
+        self._lock = threading.Lock()
+
+    def tally(self) -> _Tally:
+        """A new driver's counts, summed from now on."""
+        tally = _Tally()
         with self._lock:
-            self._counts[outcome] = self._counts.get(outcome, 0) + amount
+            self._tallies.append(tally)
+        return tally
 
     def snapshot(self) -> dict[str, int]:
         with self._lock:
-            return dict(self._counts)
+            tallies = list(self._tallies)
+        total: dict[str, int] = {}
+        for tally in tallies:
+            for outcome, count in tally.counts.copy().items():
+                total[outcome] = total.get(outcome, 0) + count
+        return total
 
 
 BACKLOGS = _Backlogs()
@@ -159,7 +180,7 @@ class _Collector:
             for labels, values in readings:
                 gauge.add_metric((labels["consumer"], labels["stream"]), values[which])
             yield gauge
-        counts = RUNS.snapshot() if RUNS.used else {}
+        counts = RUNS.snapshot()
         if counts:
             runs = CounterMetricFamily(
                 prometheus_name(RUNS_NAME), RUNS_DESCRIPTION, labels=("outcome",)

@@ -88,7 +88,7 @@ _INFLIGHT = _InflightGauge()
 
 
 class _Adds(Protocol):
-    """A counter: the SDK's, or :data:`exposition.RUNS` without it."""
+    """A counter: the SDK's, or a tally of :data:`exposition.RUNS` without it."""
 
     def add(self, amount: int, attributes: dict[str, str]) -> None: ...
 
@@ -115,14 +115,14 @@ class Telemetry:
         )
         #: Whether the SDK records the metrics; /metrics renders the essentials without it.
         self.sdk_metrics = _meter_provider_installed()
-        self.runs: _Adds = exposition.RUNS
+        self.runs: _Adds
         if self.sdk_metrics:
             self.runs = self._meter.create_counter(
                 exposition.RUNS_NAME, unit="{run}", description=exposition.RUNS_DESCRIPTION
             )
             self._backlog_gauges()
         else:
-            exposition.RUNS.used = True
+            self.runs = exposition.RUNS.tally()
         self.inflight = _INFLIGHT.count()
         self._meter.create_observable_up_down_counter(
             "conveyor.driver.inflight",
