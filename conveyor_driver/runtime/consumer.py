@@ -89,7 +89,9 @@ class Consumer:
         self._nc = nc
         self._own_publisher = publisher is None
         self._publisher = publisher or Publisher(nc)
-        self._settlement = Settlement(self._publisher, driver.name, log, ledger)
+        self._settlement = Settlement(
+            self._publisher, driver.name, log, ledger, ack_wait=driver.ack_wait
+        )
         self._driver = driver
         self._services = services
         self._log = log
@@ -312,8 +314,9 @@ class Consumer:
             processed = await process(self._driver, admission.delivery, self._services)
             await settlement.record(admission, processed)
             # The lease may have been renewed meanwhile: decide on its latest revision.
-            if await settlement.publish_result(self._admissions[task], processed):
-                await settlement.settle(msg, processed.outcome)
+            decided = await settlement.publish_result(self._admissions[task], processed)
+            if decided is not None:
+                await settlement.settle(msg, processed.outcome, decided)
         except asyncio.CancelledError:
             if task in self._fenced:
                 self._log.warning("run fenced: another instance took it over; stopped")
