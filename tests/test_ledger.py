@@ -158,11 +158,16 @@ async def _lost_acks(nats_server: EmbeddedNats, nats_client: Client, dropped: in
         running(driver, proxy.url),
     ):
         run_id = await send(nats_client, resource_json())
+        await wait_until(lambda: len(proxy.dropped) == dropped, what="the acks dropped")
+        bucket = await nats_client.jetstream().key_value(protocol.ledger_bucket("forgetful"))
+        ledger = RunLedger(bucket, build_logger())
+        if dropped > 1:  # JetStream redelivers after ack_wait: the ledger turns it away
+            await wait_until(
+                lambda: _skipped(ledger, dropped - 1), what="the redelivery acked unrun"
+            )
         await wait_until(lambda: settled(nats_client, "forgetful"), what="acked at last")
         info = await consumer_info(nats_client, "forgetful")
     assert info.delivered is not None and info.ack_floor is not None
-    bucket = await nats_client.jetstream().key_value(protocol.ledger_bucket("forgetful"))
-    ledger = RunLedger(bucket, build_logger())
     return _Outcome(
         calls=calls,
         run_id=run_id,
@@ -172,6 +177,10 @@ async def _lost_acks(nats_server: EmbeddedNats, nats_client: Client, dropped: in
         record=await ledger.read(info.ack_floor.stream_seq, run_id),
         summary=await ledger.summary(),
     )
+
+
+async def _skipped(ledger: RunLedger, count: int) -> bool:
+    return (await ledger.summary())["skipped_as_duplicate"] >= count
 
 
 @dataclasses.dataclass
