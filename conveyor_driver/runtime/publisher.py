@@ -141,10 +141,13 @@ def headers_size(headers: dict[str, str] | None) -> int:
     """The bytes the client writes for ``headers``: NATS counts them in ``max_payload``."""
     if not headers:
         return 0
-    return _HEADER_FRAME + sum(
-        len(key.strip().encode()) + len(value.strip().encode()) + 4  # ": " and "\r\n"
-        for key, value in headers.items()
-    )
+    size = _HEADER_FRAME
+    for key, value in headers.items():
+        key, value = key.strip(), value.strip()
+        # ": " and "\r\n"; a character is a byte unless the text is not ASCII.
+        size += 4 + (len(key) if key.isascii() else len(key.encode()))
+        size += len(value) if value.isascii() else len(value.encode())
+    return size
 
 
 class Publisher:
