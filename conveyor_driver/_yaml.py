@@ -3,8 +3,10 @@
 Kubernetes manifests are plain mappings, lists, strings, numbers and booleans, so a small
 emitter does instead of a YAML library the driver itself would never use. The one subtlety
 is a string that YAML would read as something else (``true``, ``1.0``, ``on``, ``null``, a
-leading ``-`` or ``*``): such a string is written double-quoted, in JSON's notation, which
-YAML's double-quoted style accepts as it is. Everything else stays plain, as people write it.
+leading ``-`` or ``*``): such a string is single-quoted (where only ``'`` is escaped, as
+``''``), or, when it holds a line break or another control character, double-quoted in
+JSON's notation, which YAML's double-quoted style accepts as it is. Everything else stays
+plain, as people write it.
 """
 
 from __future__ import annotations
@@ -85,6 +87,9 @@ def _scalar(value: Any) -> str:
     if _is_list(value):
         return "[]"
     if isinstance(value, str):
-        plain = _PLAIN.match(value) and value.lower() not in _WORDS and value[-1] != ":"
-        return value if plain else orjson.dumps(value).decode()
+        if _PLAIN.match(value) and value.lower() not in _WORDS and value[-1] != ":":
+            return value
+        if value.isprintable():
+            return "'" + value.replace("'", "''") + "'"
+        return orjson.dumps(value).decode()
     raise TypeError(f"cannot write {type(value).__name__} {value!r} as YAML")
