@@ -8,10 +8,12 @@ so a misspelt field fails here rather than being dropped without a word by the c
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import math
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import uuid
@@ -403,3 +405,101 @@ def test_the_image_builds_and_runs_the_command() -> None:
         assert whoami.stdout.strip() == str(RUN_AS)
     finally:
         subprocess.run(["docker", "image", "rm", "-f", tag], capture_output=True, timeout=120)
+
+
+# --- the pod the Deployment describes, run as a process -----------------------------------
+
+
+def _pod_environment(container: dict[str, Any], config: dict[str, Any]) -> dict[str, str]:
+    """The environment Kubernetes gives the container, ``$(VAR)`` references expanded."""
+    field = {"metadata.name": "builder-7d9f-x2x", "metadata.namespace": "ci"}
+    environ = dict(config["data"])
+    for item in container["env"]:
+        if "value" in item:
+            value = re.sub(r"\$\((\w+)\)", lambda m: environ.get(m[1], m[0]), item["value"])
+            environ[item["name"]] = value
+        elif "fieldRef" in item["valueFrom"]:
+            environ[item["name"]] = field[item["valueFrom"]["fieldRef"]["fieldPath"]]
+        # An optional Secret that does not exist sets nothing.
+    return environ
+
+
+@pytest.mark.nats
+@pytest.mark.process
+async def test_the_deployments_pod_probes_consumes_and_stops_within_its_grace(
+    tmp_path: Path,
+) -> None:
+    """The Deployment's environment, Secret layout, probe paths and termination grace, as a
+    kubelet would use them: the driver connects with the mounted identity, both probes
+    answer on the port the manifest names, and SIGTERM ends a stuck run (handed back) well
+    before the kubelet's SIGKILL would.
+    """
+    import aiohttp
+    from _certs import make_pki
+    from _helpers import TIMEOUT
+    from apps.harness import app, clean_env, driver_process
+    from test_nats_tls import observer, tls_nats_server
+
+    from conveyor_driver.embedded import free_port
+    from conveyor_driver.emit import emit_event, watch_results
+    from conveyor_driver.manifest import TLS_DIR
+    from conveyor_driver.models import Resource
+
+    commander = app("commands_app.py:driver")
+    documents = await asyncio.to_thread(_manifest, commander, "--http-port", str(free_port()))
+    deployment = _kind(documents, "Deployment")
+    pod = _pod(deployment)
+    (container,) = pod["containers"]
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+
+    pki = make_pki(tmp_path / "pki")
+    secret = tmp_path / "secret"  # the Secret's keys, as the volume mounts them
+    secret.mkdir()
+    for key, source in [
+        ("tls.crt", pki.client.cert),
+        ("tls.key", pki.client.key),
+        ("ca.crt", pki.ca_file),
+    ]:
+        (secret / key).write_bytes(source.read_bytes())
+    environ = _pod_environment(container, _kind(documents, "ConfigMap"))
+    for name, value in environ.items():
+        if value.startswith(TLS_DIR + "/"):
+            environ[name] = str(secret / value.removeprefix(TLS_DIR + "/"))
+
+    with tls_nats_server(tmp_path, pki) as server:
+        environ["CONVEYOR_NATS_URL"] = server.url
+        environ["CONVEYOR_HTTP_HOST"] = "127.0.0.1"  # the pod's network is the test's host
+        environ["CONVEYOR_APP"] = commander  # the image's ENV
+        async with (
+            observer(server) as nc,
+            driver_process(env=clean_env(**environ)) as driver,
+            aiohttp.ClientSession() as http,
+        ):
+            await driver.started()
+            for probe in ("livenessProbe", "readinessProbe"):
+                get = container[probe]["httpGet"]
+                url = f"http://127.0.0.1:{ports[get['port']]}{get['path']}"
+                async with http.get(url) as answer:
+                    assert answer.status == 200, (probe, await answer.text())
+
+            async with watch_results(nc) as watch:
+                quick = await emit_event(
+                    nc, Resource(name="quick", type="job", spec={"cmd": "true"})
+                )
+                result = await watch.wait(quick.run_id, TIMEOUT)
+            assert result.driverresult.success, result.driverresult.message
+
+            stuck = await emit_event(
+                nc, Resource(name="stuck", type="job", spec={"cmd": "sleep 600"})
+            )
+            await driver.wait_for_log("command started", run_id=stuck.run_id)
+            driver.send(signal.SIGTERM)
+            assert await driver.wait(timeout=pod["terminationGracePeriodSeconds"]) == 0
+            await driver.wait_for_log("grace period over: unfinished runs handed back")
+            # Back on the server for another pod, not waiting out ack_wait.
+            # The next pod starts it as attempt 1: handed back, not cut off (which would
+            # count as an attempt, after ack_wait).
+            environ.update(CONVEYOR_HTTP_PORT=str(free_port()), CONVEYOR_LOG_LEVEL="debug")
+            async with driver_process(env=clean_env(**environ)) as next_pod:
+                started = await next_pod.wait_for_log("run started", run_id=stuck.run_id)
+                assert started["attempt"] == 1
