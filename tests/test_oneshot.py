@@ -25,6 +25,7 @@ from _helpers import (
 from apps.harness import DriverProcess, app, driver_process
 from apps.worker_app import driver as worker
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 
 from conveyor_driver import Context, Driver, Settings, protocol
 from conveyor_driver.embedded import EmbeddedNats
@@ -218,3 +219,94 @@ async def test_a_duplicate_skipped_by_the_ledger_does_not_count(
 
 async def _duplicates(ledger: RunLedger) -> int:
     return (await ledger.summary())["skipped_as_duplicate"]
+
+
+class _Proxy:
+    """A TCP relay to the nats-server whose connections the test can cut: a reconnect
+    of the driver's connection while the server itself stays up (and keeps its pull
+    requests)."""
+
+    def __init__(self, target_port: int) -> None:
+        self._target = target_port
+        self._writers: list[asyncio.StreamWriter] = []
+        self.connections = 0
+        self.server: asyncio.Server | None = None
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"nats://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+
+    def cut(self) -> None:
+        for writer in self._writers:
+            writer.transport.abort()
+        self._writers.clear()
+
+    async def close(self) -> None:
+        self.cut()
+        if self.server is not None:
+            self.server.close()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self._target)
+        self._writers += [writer, upstream_writer]
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except OSError:
+                pass
+            finally:
+                dst.transport.abort()
+
+        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
+
+
+async def test_a_pull_request_outliving_a_reconnect_delivers_nothing_beyond_max_runs(
+    nats_server: EmbeddedNats, nats_client: Client
+) -> None:
+    """The server keeps a pull request across the client's reconnect, and the driver asks
+    again afterwards. Were the old one answered too, a one-shot instance would take a
+    second message and have to hand it back."""
+    proxy = _Proxy(int(nats_server.url.rsplit(":", 1)[1]))
+    await proxy.start()
+    driver = Driver("reconnected", concurrency=4, grace_period=10.0)
+    calls: list[str] = []
+
+    @driver.on("pipeline")
+    async def build(ctx: Context) -> None:
+        calls.append(ctx.run_id)
+        await asyncio.sleep(1.0)
+
+    pulls: list[bytes] = []
+
+    async def on_pull(msg: Msg) -> None:
+        pulls.append(msg.data)
+
+    subject = protocol.pull_request_subject(protocol.MESSAGES_STREAM, "reconnected")
+    await nats_client.subscribe(subject, cb=on_pull)
+    settings = Settings(nats_urls=proxy.url, max_runs=1, log_format="json")
+    serving = asyncio.create_task(driver.serve(settings))
+    try:
+        await wait_until(lambda: len(pulls) == 1, what="a pull request")
+        proxy.cut()
+        await wait_until(lambda: len(pulls) == 2, what="the pull request after the reconnect")
+        first = await send(nats_client, resource_json("a"))
+        await send(nats_client, resource_json("b"))
+        await asyncio.wait_for(asyncio.shield(serving), TIMEOUT)
+    finally:
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)
+        await proxy.close()
+    info = await consumer_info(nats_client, "reconnected")
+
+    assert calls == [first]
+    assert proxy.connections == 2
+    assert info.delivered is not None and info.delivered.consumer_seq == 1
+    assert (info.num_pending, info.num_ack_pending) == (1, 0)
