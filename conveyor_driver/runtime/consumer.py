@@ -28,6 +28,7 @@ from structlog.typing import FilteringBoundLogger
 from .. import protocol
 from .dispatcher import Services, process
 from .ledger import Fenced
+from .lifetime import RunBudget
 from .publisher import Publisher
 from .settlement import Admission, Settlement, quietly
 
@@ -73,8 +74,8 @@ class Consumer:
     """Consumes the driver's durable pull consumer until :meth:`stop`.
 
     Results go out through ``publisher``, the connection's shared one; without it the
-    consumer makes (and closes) one of its own. With ``max_runs``, :attr:`spent` is set once
-    that many runs are done; ``concurrency`` should not exceed it.
+    consumer makes (and closes) one of its own. ``max_runs`` (with ``concurrency`` at most
+    that) ends the consumer's work: see :attr:`budget`.
     """
 
     def __init__(
@@ -116,10 +117,8 @@ class Consumer:
         self.last_activity = time.monotonic()
         self.last_loop = time.monotonic()
         self.handled = 0
-        self.max_runs = max_runs
-        #: Deliveries the dispatcher decided: what ``max_runs`` counts.
-        self.runs = 0
-        self.spent = asyncio.Event()
+        #: Counts the deliveries the dispatcher decided: what ``max_runs`` limits.
+        self.budget = RunBudget(max_runs)
         self._last_busy = time.monotonic()
         #: Set when open pull requests are forgotten: the next one goes to a fresh inbox.
         self._stale_inbox = False
@@ -244,8 +243,7 @@ class Consumer:
         nothing at all is asked for. Returns False when the request could not be sent.
         """
         want = self.concurrency - len(self._running) - self._requested
-        if self.max_runs is not None:
-            want = min(want, self.max_runs - self.runs - len(self._running) - self._requested)
+        want = min(want, self.budget.left(len(self._running) + self._requested))
         if self._stopping or want <= 0 or (want < self._threshold and self._requested):
             return True
         self._requested += want
@@ -266,8 +264,7 @@ class Consumer:
         return True
 
     async def _new_inbox(self) -> None:
-        # The new inbox is current before the first await: a request sent meanwhile by
-        # another run goes to it, after its SUB on the wire.
+        """Current before the first await: a request sent meanwhile goes after its SUB."""
         self._stale_inbox = False
         old, self._inbox = self._sub, self._nc.new_inbox()
         try:
@@ -288,7 +285,7 @@ class Consumer:
             return
         self._last_busy = now
         self._requested = max(self._requested - 1, 0)
-        over_budget = self.max_runs is not None and self.runs + len(self._running) >= self.max_runs
+        over_budget = self.budget.left(len(self._running)) <= 0
         if self._stopping or len(self._running) >= self.concurrency or over_budget:
             # Not expected (see stop and _pull), but if it happens it is not an attempt.
             bounce = asyncio.create_task(self._settlement.hand_back(msg))
@@ -381,9 +378,7 @@ class Consumer:
             self._admissions.pop(task, None)
             self._fenced.discard(task)
             if decided:
-                self.runs += 1
-                if self.max_runs is not None and self.runs >= self.max_runs:
-                    self.spent.set()
+                self.budget.count()
             if not await self._pull():
                 self._wake.set()
 

@@ -10,6 +10,7 @@ docs/protocol.md#one-shot-and-draining-modes.
 from __future__ import annotations
 
 import asyncio
+import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -17,6 +18,29 @@ if TYPE_CHECKING:
     from typing import Any
 
     from .consumer import Consumer
+
+
+class RunBudget:
+    """``--max-runs`` counted down: how many more messages the consumer may take.
+
+    Every message the consumer holds or has asked for is reserved against it, so a process
+    never pulls one it would not run; :attr:`spent` is set once the last run is counted.
+    """
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.used = 0
+        self.spent = asyncio.Event()
+
+    def left(self, reserved: int) -> int:
+        """Runs still free besides the ``reserved`` messages (a large number: no limit)."""
+        return sys.maxsize if self.limit is None else self.limit - self.used - reserved
+
+    def count(self) -> None:
+        """One more run decided."""
+        self.used += 1
+        if self.limit is not None and self.used >= self.limit:
+            self.spent.set()
 
 
 def concurrency_within(concurrency: int, max_runs: int | None) -> int:
@@ -28,7 +52,7 @@ async def until_stopped(stop: asyncio.Event, consumer: Consumer, idle: float | N
     """Wait for the first reason to stop (a signal, the runs done, an idle spell); its name."""
     reasons: dict[str, Coroutine[Any, Any, object]] = {
         "signal": stop.wait(),
-        "max runs reached": consumer.spent.wait(),
+        "max runs reached": consumer.budget.spent.wait(),
     }
     if idle is not None:
         reasons["idle"] = _until_idle(consumer, idle)

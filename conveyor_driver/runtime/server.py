@@ -191,7 +191,7 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
             log.info(
                 "driver stopped",
                 handled=consumer.handled,
-                runs=consumer.runs,
+                runs=consumer.budget.used,
                 log_lines_sent=sink.sent,
             )
 
