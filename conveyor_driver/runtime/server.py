@@ -188,12 +188,9 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
                         )
             finally:
                 await sink.close()
-            log.info(
-                "driver stopped",
-                handled=consumer.handled,
-                runs=consumer.budget.used,
-                log_lines_sent=sink.sent,
-            )
+            budget = consumer.budget
+            runs = {"runs": budget.used} if budget.limit is not None else {}
+            log.info("driver stopped", handled=consumer.handled, **runs, log_lines_sent=sink.sent)
 
 
 def _lifetime(settings: Settings) -> dict[str, float]:
