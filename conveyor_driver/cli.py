@@ -64,6 +64,8 @@ _RUN = (
     "ledger",
     "ledger_ttl",
     "timeout",
+    "max_runs",
+    "exit_when_idle",
     *_LOKI,
     *_TLS,
 )

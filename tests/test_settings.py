@@ -145,6 +145,15 @@ CASES = [
         lambda s: s.block_threshold,
         ("0", "-2", "long"),
     ),
+    Case("CONVEYOR_MAX_RUNS", "--max-runs", "1", 1, lambda s: s.max_runs, ("0", "-1", "x")),
+    Case(
+        "CONVEYOR_EXIT_WHEN_IDLE",
+        "--exit-when-idle",
+        "30",
+        30.0,
+        lambda s: s.exit_when_idle,
+        ("0", "-1", "soon"),
+    ),
     Case(
         "CONVEYOR_LOKI_URL",
         "--loki-url",
