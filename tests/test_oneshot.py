@@ -182,11 +182,13 @@ async def test_a_duplicate_skipped_by_the_ledger_does_not_count(
     real_settle = Settlement.settle
     lost: list[int] = []
 
-    async def settle_losing_the_first_ack(self: Settlement, msg: Any, outcome: Any) -> None:
-        if not lost:
+    async def settle_losing_the_first_ack(
+        self: Settlement, msg: Any, outcome: Any, admission: Any = None
+    ) -> None:
+        if not lost:  # neither acked nor marked reported: JetStream redelivers it
             lost.append(1)
             return
-        await real_settle(self, msg, outcome)
+        await real_settle(self, msg, outcome, admission)
 
     monkeypatch.setattr(Settlement, "settle", settle_losing_the_first_ack)
     driver = Driver("once-more", ack_wait=2.0)

@@ -362,9 +362,9 @@ class Consumer:
             decided = True
             await settlement.record(admission, processed)
             # The lease may have been renewed meanwhile: decide on its latest revision.
-            decided = await settlement.publish_result(self._admissions[task], processed)
-            if decided is not None:
-                await settlement.settle(msg, processed.outcome, decided)
+            published = await settlement.publish_result(self._admissions[task], processed)
+            if published is not None:
+                await settlement.settle(msg, processed.outcome, published)
         except asyncio.CancelledError:
             if task in self._fenced:
                 self._log.warning("run fenced: another instance took it over; stopped")
