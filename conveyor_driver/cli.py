@@ -1,4 +1,4 @@
-"""The ``conveyor-driver`` command: run a driver, emit a test event, list routes, follow logs.
+"""The ``conveyor-driver`` command: run a driver, emit an event, list routes, follow logs...
 
 Every option can also be set with a ``CONVEYOR_*`` environment variable, which ``--help``
 names. Click itself reads no variable: the options are generated from the table in
@@ -65,6 +65,8 @@ _RUN = (
     "ledger",
     "ledger_ttl",
     "timeout",
+    "max_runs",
+    "exit_when_idle",
     *_LOKI,
     *_TLS,
 )
@@ -387,6 +389,21 @@ async def _emit(
 
 class _NoResult(ConveyorDriverError):
     pass
+
+
+@main.command()
+@_APP
+@_options("http_port", command="manifest")
+@_friendly_errors
+def manifest(app: str | None, **options: Any) -> None:
+    """Print Kubernetes manifests for APP, the values that must agree read off the Driver."""
+    from .manifest import DEFAULT_HTTP_PORT, ManifestOptions, render
+
+    own = _own(options, "manifest")
+    port = _settings(options, ("http_port",)).http_port or DEFAULT_HTTP_PORT
+    shape = "scaled-job" if own["scaled_job"] else "deployment"
+    chosen = ManifestOptions(own["image"], port, own["prometheus_url"], shape)
+    click.echo(render(load_driver(_app(app)), chosen), nl=False)
 
 
 @main.command()

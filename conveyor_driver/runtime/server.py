@@ -33,6 +33,7 @@ from .consumer import Consumer, ensure_consumer, ensuring_what
 from .dispatcher import HandlerThreads, Services
 from .hooks import call_hook
 from .ledger import RunLedger
+from .lifetime import concurrency_within, until_stopped
 from .probes import DriverState, start_probes
 from .publisher import Publisher
 from .startup import until_ready
@@ -47,13 +48,14 @@ if TYPE_CHECKING:
 
 
 async def serve(driver: Driver, settings: Settings | None = None) -> None:
-    """Run ``driver`` until SIGINT/SIGTERM or until this coroutine is cancelled."""
+    """Run ``driver`` until SIGINT/SIGTERM, ``max_runs`` or ``exit_when_idle`` (see
+    :mod:`.lifetime`), or until this coroutine is cancelled."""
     settings = settings or Settings.from_env()
     driver.check()
     # Certificates are checked before anything starts: a wrong file is a one-line error.
     tls = load_tls(settings.tls_cert, settings.tls_key, settings.tls_ca)
     nats_tls = tls.ssl_context() if tls is not None else None
-    concurrency = settings.concurrency or driver.concurrency
+    concurrency = concurrency_within(settings.concurrency or driver.concurrency, settings.max_runs)
     telemetry = Telemetry()
     # The sinks report their own trouble here, outside the chain they feed.
     console = build_logger(level=settings.log_level, fmt=settings.log_format)
@@ -137,6 +139,7 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
             log=log,
             ledger=ledger,
             publisher=publisher,
+            max_runs=settings.max_runs,
         )
         # The sink is closed once: here if start-up fails, else after the shutdown hooks
         # (their lines are shipped) and before "driver stopped" (which counts them).
@@ -170,11 +173,12 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
             subjects=driver.subjects,
             concurrency=concurrency,
             nats=", ".join(urls),
+            **_lifetime(settings),
         )
         try:
             _raise_if_cancelled()
-            await stop.wait()
-            log.info("shutting down")
+            reason = await until_stopped(stop, consumer, settings.exit_when_idle)
+            log.info("shutting down", reason=reason)
         finally:
             try:
                 state.stopping = True
@@ -189,7 +193,15 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
                         )
             finally:
                 await sink.close()
-            log.info("driver stopped", handled=consumer.handled, log_lines_sent=sink.sent)
+            budget = consumer.budget
+            runs = {"runs": budget.used} if budget.limit is not None else {}
+            log.info("driver stopped", handled=consumer.handled, **runs, log_lines_sent=sink.sent)
+
+
+def _lifetime(settings: Settings) -> dict[str, float]:
+    """The one-shot and draining settings in force, for the start-up line."""
+    given = {"max_runs": settings.max_runs, "exit_when_idle": settings.exit_when_idle}
+    return {key: value for key, value in given.items() if value is not None}
 
 
 async def _open_ledger(
