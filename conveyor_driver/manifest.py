@@ -174,7 +174,19 @@ class _Parts:
             },
         ]
         if lag:
-            container["readinessProbe"] = {"tcpSocket": {"port": "http"}, "periodSeconds": 10}
+            # The exporter serves the driver's probes too: alive while its loop turns,
+            # ready once it is connected and watching the consumer.
+            container["livenessProbe"] = {
+                "httpGet": {"path": "/healthz", "port": "http"},
+                "periodSeconds": 10,
+                "timeoutSeconds": 5,
+                "failureThreshold": 3,
+            }
+            container["readinessProbe"] = {
+                "httpGet": {"path": "/readyz", "port": "http"},
+                "periodSeconds": 10,
+                "timeoutSeconds": 5,
+            }
             container["resources"] = {
                 "requests": {"cpu": "20m", "memory": "96Mi"},
                 "limits": {"memory": "192Mi"},
