@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
@@ -211,6 +210,7 @@ class Driver:
         and one started from the command line read the same variables and install the
         OpenTelemetry SDK from the same ``OTEL_*`` variables.
         """
+        from .loops import run
         from .settings import Settings
         from .telemetry import configure_from_env
 
@@ -219,7 +219,7 @@ class Driver:
             self.name, prometheus=settings.http_port is not None
         )
         try:
-            asyncio.run(self.serve(settings))
+            run(self.serve(settings), settings.loop)
         finally:
             if shutdown_telemetry is not None:
                 shutdown_telemetry()

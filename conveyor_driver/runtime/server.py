@@ -24,6 +24,7 @@ from ..logs.chain import build_logger
 from ..logs.loki import LokiSink
 from ..logs.nats import NatsLogSink
 from ..logs.stdlib import bridged
+from ..loops import loop_name
 from ..settings import Settings
 from ..telemetry import Telemetry
 from ..tls import load_tls
@@ -165,6 +166,7 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
             subjects=driver.subjects,
             concurrency=concurrency,
             nats=", ".join(urls),
+            loop=loop_name(asyncio.get_running_loop()),
         )
         try:
             _raise_if_cancelled()
@@ -234,7 +236,10 @@ async def _close(nc: object) -> None:
     with contextlib.suppress(Exception):
         await asyncio.wait_for(nc.drain(), 10)
     if not nc.is_closed:
-        await nc.close()
+        # With NATS away, nats-py's close still writes what it holds to a dead transport:
+        # asyncio says ConnectionResetError, uvloop RuntimeError. Either way it is closed.
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await nc.close()
 
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
