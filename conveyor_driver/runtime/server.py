@@ -27,7 +27,6 @@ from ..logs.stdlib import bridged
 from ..loops import loop_name
 from ..settings import Settings
 from ..telemetry import Telemetry
-from ..tls import load_tls
 from .connection import connect
 from .consumer import Consumer, ensure_consumer, ensuring_what
 from .dispatcher import HandlerThreads, Services
@@ -44,6 +43,7 @@ if TYPE_CHECKING:
 
     from ..app import Driver
     from ..logs.sink import LogSink
+    from ..tls import TLSConfig
 
 
 async def serve(driver: Driver, settings: Settings | None = None) -> None:
@@ -51,7 +51,7 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
     settings = settings or Settings.from_env()
     driver.check()
     # Certificates are checked before anything starts: a wrong file is a one-line error.
-    tls = load_tls(settings.tls_cert, settings.tls_key, settings.tls_ca)
+    tls = _load_tls(settings)
     nats_tls = tls.ssl_context() if tls is not None else None
     concurrency = settings.concurrency or driver.concurrency
     telemetry = Telemetry()
@@ -215,6 +215,15 @@ async def _open_ledger(
         raise  # the driver could not consume either: that, not the ledger, is the news
     except ConveyorDriverError as exc:
         raise ConsumerSetupError(f"{exc} (or run with --no-ledger to go without it)") from None
+
+
+def _load_tls(settings: Settings) -> TLSConfig | None:
+    """The TLS identity, if any; imported only then (``cryptography`` costs start-up time)."""
+    if settings.tls_cert is None and settings.tls_key is None and settings.tls_ca is None:
+        return None
+    from ..tls import load_tls
+
+    return load_tls(settings.tls_cert, settings.tls_key, settings.tls_ca)
 
 
 def _raise_if_cancelled() -> None:
