@@ -41,6 +41,7 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_dispatch.py
+	$(BIN)/python bench/bench_startup.py
 	$(BIN)/python bench/bench_logs.py
 	$(BIN)/python bench/bench_telemetry.py
 

@@ -204,7 +204,9 @@ class Driver:
         await serve(self, settings)
 
     def run(self, settings: Settings | None = None) -> None:
-        """Serve until SIGINT/SIGTERM; settings default to the CONVEYOR_* environment.
+        """Serve until SIGINT/SIGTERM on the loop ``settings.loop`` names (uvloop if it can).
+
+        Settings default to the CONVEYOR_* environment.
 
         ``conveyor-driver run`` comes through here too, so a driver started from Python
         and one started from the command line read the same variables and install the
