@@ -27,14 +27,13 @@ from collections.abc import Awaitable, Callable
 
 import nats
 import orjson
+from _events import ACK_WAIT, RESOURCE_TYPE
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from conveyor_driver import Context, Driver, loops, protocol
 from conveyor_driver.settings import Settings
 
-RESOURCE_TYPE = "pipeline"
-ACK_WAIT = 30.0
 #: What each contender is; the framework's are its ledger switch and its log level.
 KINDS = {
     "hand-written": "the strongest nats-py loop we could write",

@@ -30,29 +30,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import cProfile
-import io
 import os
-import pstats
 import statistics
 import sys
 import tempfile
 import time
-import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import nats
-import orjson
+from _events import consumer_state, create_consumer, make_events, preload, reset
+from _in_process import measure, profile_framework, run_framework
 from nats.aio.client import Client
-from nats.js import JetStreamContext
-from nats.js.errors import NotFoundError
 
-from conveyor_driver import Context, Driver, protocol
 from conveyor_driver.embedded import EmbeddedNats
-from conveyor_driver.models import DriverMessage, Resource, encode_driver_message
-from conveyor_driver.testing import running
+
+#: bench_telemetry.py runs the framework in a process of its own with these.
+__all__ = ["main", "make_events", "measure", "run_framework"]
 
 N = int(os.environ.get("BENCH_N", "5000"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
@@ -63,8 +58,6 @@ CONCURRENCIES = (1, 64)
 TARGET = 0.9
 #: The run ledger's cost targets (issue 10): ledger on / off, by concurrency.
 LEDGER_TARGETS = {1: 0.6, 64: 0.75}
-RESOURCE_TYPE = "pipeline"
-ACK_WAIT = 30.0
 WARMUP_N = 300
 #: How often the collector asks the consumer whether the run is over: the end is late by
 #: at most this, the same way for every contender.
@@ -75,52 +68,6 @@ CONTENDER = Path(__file__).resolve().parent / "_contender.py"
 #: In the tables' order; the kinds are _contender.KINDS.
 KINDS = ("hand-written", "framework", "framework-logged", "framework-ledger")
 _TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def make_events(n: int) -> list[bytes]:
-    """Encoded DriverMessages shaped like the server's, distinct run ids."""
-    bodies = []
-    for i in range(n):
-        resource = Resource(
-            name=f"app-{i}",
-            type=RESOURCE_TYPE,
-            id=str(uuid.uuid4()),
-            metadata={"version": "1"},
-            spec={"repo": "https://example.com/app.git", "command": "make build"},
-        )
-        message = DriverMessage(
-            event="create", payload=resource, run_id=str(uuid.uuid4()), id=str(uuid.uuid4())
-        )
-        bodies.append(encode_driver_message(message))
-    return bodies
-
-
-async def create_consumer(js: JetStreamContext, name: str) -> None:
-    config = protocol.consumer_config(name, [RESOURCE_TYPE], ACK_WAIT)
-    await js.add_consumer(protocol.MESSAGES_STREAM, config)
-
-
-async def preload(js: JetStreamContext, bodies: list[bytes]) -> None:
-    """Publish every event before consuming starts, so publish speed is not measured.
-
-    The consumer must already exist: ``messages`` has interest retention and would drop
-    events nobody is interested in.
-    """
-    subject = protocol.resource_subject(RESOURCE_TYPE)
-    futures = [await js.publish_async(subject, body) for body in bodies]
-    await asyncio.gather(*futures)
-
-
-async def consumer_state(nc: Client, name: str) -> dict[str, object]:
-    # A raw request: nats-py's consumer_info builds dataclasses and parses dates, and the
-    # collector asks every few milliseconds.
-    reply = await nc.request(
-        f"$JS.API.CONSUMER.INFO.{protocol.MESSAGES_STREAM}.{name}", b"", timeout=5
-    )
-    state: dict[str, object] = orjson.loads(reply.data)
-    if "error" in state:
-        raise RuntimeError(f"consumer info for {name}: {state['error']}")
-    return state
 
 
 def _until_next_poll(state: dict[str, object], n: int, elapsed: float) -> float:
@@ -144,21 +91,6 @@ def _finished(state: dict[str, object], name: str, n: int) -> bool:
     if delivered["consumer_seq"] != n or state.get("num_redelivered"):
         raise RuntimeError(f"{name}: expected {n} single deliveries, got {state}")
     return True
-
-
-async def reset(js: JetStreamContext, name: str, n: int) -> None:
-    """Leave the server as the next run expects it: no consumer, empty streams, no ledger.
-
-    The result count doubles as a check that each event produced exactly one result.
-    """
-    results = (await js.stream_info(protocol.PIPELINE_STREAM)).state.messages
-    await js.delete_consumer(protocol.MESSAGES_STREAM, name)
-    for stream in (protocol.MESSAGES_STREAM, protocol.PIPELINE_STREAM, protocol.LOGS_STREAM):
-        await js.purge_stream(stream)
-    with contextlib.suppress(NotFoundError):  # a bucket per driver name adds up
-        await js.delete_stream(f"KV_{protocol.ledger_bucket(name)}")
-    if results != n:
-        raise RuntimeError(f"{name}: {results} result events for {n} events")
 
 
 # --- contenders in processes of their own -------------------------------------------------
@@ -408,122 +340,6 @@ def report(samples: Samples) -> None:
                 for c in CONCURRENCIES
             ]
             print(f"  {kind:<17} " + "   ".join(cells))
-
-
-# --- in this process: the framework under cProfile, and bench_telemetry.py -----------------
-#: Completion is polled from the same event loop here, so less often.
-POLL_START = 0.002
-POLL_RUNNING = 0.010
-
-
-@dataclass(frozen=True)
-class Run:
-    """One scenario run: wall time from first delivery to last ack, and this process's CPU."""
-
-    events: int
-    seconds: float
-    cpu_seconds: float
-
-    @property
-    def rate(self) -> float:
-        return self.events / self.seconds
-
-    @property
-    def cpu_us(self) -> float:
-        """CPU microseconds per event in this process (the nats-server's not included)."""
-        return self.cpu_seconds / self.events * 1e6
-
-
-Runner = Callable[[str, Client, str, int, list[bytes]], Awaitable[Run]]
-
-
-async def time_consumption(nc: Client, name: str, n: int, runner: asyncio.Task[None]) -> Run:
-    """Time from the first delivery until every event is delivered and acked.
-
-    Start: the last poll that saw nothing delivered; end: the first poll that saw all acked.
-    Each end is off by at most one poll interval, the same way for both sides. The consumer
-    is asked rather than the results counted, because a subscription on the result subject
-    would add a callback per event to the event loop being measured, and because the run
-    is over only when the last ack has reached the server.
-    """
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + RUN_TIMEOUT
-    started: float | None = None
-    before = time.perf_counter()
-    cpu_before = time.process_time()
-    while loop.time() < deadline:
-        if runner.done():
-            runner.result()  # a crashed runner should fail the bench, not hang it
-        state = await consumer_state(nc, name)
-        now = time.perf_counter()
-        cpu_now = time.process_time()
-        delivered = state["delivered"]
-        assert isinstance(delivered, dict)
-        if started is None:
-            if delivered["consumer_seq"] == 0:
-                before, cpu_before = now, cpu_now
-                await asyncio.sleep(POLL_START)
-                continue
-            started = before
-        if state["num_pending"] == 0 and state["num_ack_pending"] == 0:
-            if delivered["consumer_seq"] != n or state.get("num_redelivered"):
-                raise RuntimeError(f"{name}: expected {n} single deliveries, got {state}")
-            return Run(n, now - started, cpu_now - cpu_before)
-        await asyncio.sleep(POLL_RUNNING)
-    raise TimeoutError(f"{name}: not done within {RUN_TIMEOUT}s")
-
-
-# --- the framework -----------------------------------------------------------------------
-
-
-async def run_framework(
-    url: str, nc: Client, name: str, concurrency: int, bodies: list[bytes], *, ledger: bool = True
-) -> Run:
-    js = nc.jetstream()
-    driver = Driver(name, concurrency=concurrency, ack_wait=ACK_WAIT, ledger=ledger)
-
-    @driver.on(RESOURCE_TYPE)
-    async def noop(ctx: Context) -> None:
-        return None
-
-    await create_consumer(js, name)
-    await preload(js, bodies)
-    async with running(driver, url, log_level="warning") as task:
-        return await time_consumption(nc, name, len(bodies), task)
-
-
-async def run_framework_without_ledger(
-    url: str, nc: Client, name: str, concurrency: int, bodies: list[bytes]
-) -> Run:
-    """The framework with ``Driver(ledger=False)``: what the run ledger costs."""
-    return await run_framework(url, nc, name, concurrency, bodies, ledger=False)
-
-
-async def measure(
-    url: str, nc: Client, runner: Runner, name: str, concurrency: int, bodies: list[bytes]
-) -> Run:
-    """One run, then a clean server for the next."""
-    try:
-        run = await runner(url, nc, name, concurrency, bodies)
-    except BaseException:
-        with contextlib.suppress(Exception):
-            await reset(nc.jetstream(), name, len(bodies))
-        raise
-    await reset(nc.jetstream(), name, len(bodies))
-    return run
-
-
-async def profile_framework(url: str, nc: Client, concurrency: int, bodies: list[bytes]) -> None:
-    profiler = cProfile.Profile()
-    profiler.enable()
-    run = await measure(url, nc, run_framework, f"profile-c{concurrency}", concurrency, bodies)
-    profiler.disable()
-    out = io.StringIO()
-    stats = pstats.Stats(profiler, stream=out)
-    stats.sort_stats("tottime").print_stats(30)
-    stats.sort_stats("cumulative").print_stats(45)
-    print(f"\n=== cProfile: framework, concurrency {concurrency} ({run.rate:,.0f} msgs/s profiled)")
-    print(out.getvalue())
 
 
 if __name__ == "__main__":
