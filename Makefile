@@ -26,8 +26,14 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 # Every test, and the library's coverage: the lines each file misses (full files left out).
+# Then the runtime's in-process tests again on uvloop (the drivers that process tests
+# start run on it already: --loop auto).
+UVLOOP_TESTS := tests/test_runtime.py tests/test_settlement.py tests/test_publisher.py \
+	tests/test_ledger.py tests/test_consumer_resilience.py tests/test_deadlines.py \
+	tests/test_nats_logs.py tests/test_testing_serve.py tests/test_loops.py
 test: lint typecheck
 	$(BIN)/pytest -q --cov=conveyor_driver --cov-report=term-missing:skip-covered
+	$(BIN)/pytest -q --event-loop uvloop -m "not process and not slow" $(UVLOOP_TESTS)
 
 # The edit-run loop: no child Pythons and no package builds (markers: see tests/conftest.py).
 test-fast: $(STAMP)
@@ -35,6 +41,7 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_dispatch.py
+	$(BIN)/python bench/bench_startup.py
 	$(BIN)/python bench/bench_logs.py
 	$(BIN)/python bench/bench_telemetry.py
 

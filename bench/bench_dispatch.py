@@ -1,15 +1,27 @@
-"""Dispatch throughput: the framework against a hand-written nats-py loop, in one run.
+"""Dispatch throughput: the framework against the strongest hand-written nats-py loop.
 
-Both sides consume the same pre-loaded events (DriverMessages as the Conveyor server sends
-them: payload as a JSON string, on ``resources.<type>``) from a durable pull consumer with
-the framework's configuration, publish one PipelineEvent per event to
-``pipelines.driver.result``, await its PubAck and only then ack. The handler does nothing,
-so what is measured is the cost of the machinery around it.
+Every contender runs in a process of its own (``_contender.py``) on asyncio's loop and on
+uvloop, against one nats-server: the hand-written loop, the framework (ledger off, log
+level warning), the framework at log level info with one ``ctx.log.info`` per run, and the
+framework with its run ledger. Each consumes the same pre-loaded events (DriverMessages as
+the Conveyor server sends them) from a durable pull consumer with the framework's
+configuration, publishes one PipelineEvent per event to ``pipelines.driver.result``, awaits
+its PubAck and only then acks. The handler does nothing, so what is measured is the cost
+of the machinery around it.
+
+A run starts at the first delivery the contender's own code sees (it reports the moment
+and its CPU time) and ends when this process, the collector, sees the consumer with
+nothing pending and nothing un-acked. Per message it reports the rate and the CPU time of
+the contender, of the nats-server (``/proc/<pid>/stat``) and of the collector. Contenders
+take turns in an order rotated every round; the median and the spread of the rounds are
+printed.
 
 Environment:
-    BENCH_N         events per scenario run (default 5000)
-    BENCH_ROUNDS    rounds per scenario; the median is reported (default 5)
-    BENCH_PROFILE   ``1``: afterwards, profile one framework run per concurrency (cProfile)
+    BENCH_N         events per run (default 5000)
+    BENCH_ROUNDS    rounds; the median is reported, with the spread (default 3)
+    BENCH_LOOPS     event loops to run every contender on (default ``asyncio,uvloop``)
+    BENCH_PROFILE   ``1``: afterwards, profile one framework run per concurrency (cProfile,
+                    in this process)
 
 See bench/README.md for how to read the output.
 """
@@ -18,373 +30,316 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import cProfile
-import io
 import os
-import pstats
 import statistics
 import sys
+import tempfile
 import time
-import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import nats
-import orjson
+from _events import consumer_state, create_consumer, make_events, preload, reset
+from _in_process import measure, profile_framework, run_framework
 from nats.aio.client import Client
-from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js import JetStreamContext
 
-from conveyor_driver import Context, Driver, protocol
 from conveyor_driver.embedded import EmbeddedNats
-from conveyor_driver.models import DriverMessage, Resource, encode_driver_message
-from conveyor_driver.testing import running
+
+#: bench_telemetry.py runs the framework in a process of its own with these.
+__all__ = ["main", "make_events", "measure", "run_framework"]
 
 N = int(os.environ.get("BENCH_N", "5000"))
-ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+LOOPS = tuple(os.environ.get("BENCH_LOOPS", "asyncio,uvloop").split(","))
 PROFILE = os.environ.get("BENCH_PROFILE", "") not in ("", "0")
 CONCURRENCIES = (1, 64)
-TARGET = 0.8
+#: Issue 11: the framework at >= 0.9 of the hand-written loop on the same event loop.
+TARGET = 0.9
 #: The run ledger's cost targets (issue 10): ledger on / off, by concurrency.
 LEDGER_TARGETS = {1: 0.6, 64: 0.75}
-RESOURCE_TYPE = "pipeline"
-ACK_WAIT = 30.0
 WARMUP_N = 300
-#: Completion is observed by polling the consumer; a short interval bounds the error at
-#: both ends of a run (at most one interval each) while costing the event loop little.
-POLL_START = 0.002
-POLL_RUNNING = 0.010
+#: How often the collector asks the consumer whether the run is over: the end is late by
+#: at most this, the same way for every contender.
+POLL = 0.002
+POLL_SLOWEST = 0.05
 RUN_TIMEOUT = 600.0
+CONTENDER = Path(__file__).resolve().parent / "_contender.py"
+#: In the tables' order; the kinds are _contender.KINDS.
+KINDS = ("hand-written", "framework", "framework-logged", "framework-ledger")
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _until_next_poll(state: dict[str, object], n: int, elapsed: float) -> float:
+    """Seldom while the end is far, every :data:`POLL` as it nears: the collector's load on
+    the two other processes stays small, and the end is still seen within ``POLL``.
+    """
+    pending, unacked = state["num_pending"], state["num_ack_pending"]
+    assert isinstance(pending, int) and isinstance(unacked, int)
+    done = n - pending - unacked
+    if done <= 0 or elapsed <= 0:
+        return POLL
+    seconds_left: float = (pending + unacked) * elapsed / done
+    return min(max(seconds_left / 4, POLL), POLL_SLOWEST)
+
+
+def _finished(state: dict[str, object], name: str, n: int) -> bool:
+    if state["num_pending"] != 0 or state["num_ack_pending"] != 0:
+        return False
+    delivered = state["delivered"]
+    assert isinstance(delivered, dict)
+    if delivered["consumer_seq"] != n or state.get("num_redelivered"):
+        raise RuntimeError(f"{name}: expected {n} single deliveries, got {state}")
+    return True
+
+
+# --- contenders in processes of their own -------------------------------------------------
+
+
+def process_cpu(pid: int) -> float:
+    """User + system CPU seconds of a process so far, from ``/proc`` (clock-tick resolution)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
 @dataclass(frozen=True)
-class Run:
-    """One scenario run: wall time from first delivery to last ack, and this process's CPU."""
+class Sample:
+    """One run of one contender: its rate, and CPU seconds per process over the run."""
 
     events: int
     seconds: float
-    cpu_seconds: float
+    driver_cpu: float
+    server_cpu: float
+    collector_cpu: float
 
     @property
     def rate(self) -> float:
         return self.events / self.seconds
 
+    def us(self, cpu: float) -> float:
+        return cpu / self.events * 1e6
+
+
+class Child:
+    """A ``_contender.py`` process: KIND on LOOP, told what to do one line at a time."""
+
+    def __init__(self, kind: str, loop: str, logs: Path) -> None:
+        self.kind = kind
+        self.loop = loop
+        self.label = f"{kind}@{loop}"
+        self._log = logs / f"{self.label}.log"
+        self._proc: asyncio.subprocess.Process | None = None
+
+    async def spawn(self, url: str) -> None:
+        with self._log.open("wb") as log:
+            self._proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                str(CONTENDER),
+                self.kind,
+                self.loop,
+                url,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=log,
+            )
+        await self.expect("ready")
+
     @property
-    def cpu_us(self) -> float:
-        """CPU microseconds per event in this process (the nats-server's not included)."""
-        return self.cpu_seconds / self.events * 1e6
+    def pid(self) -> int:
+        assert self._proc is not None
+        return self._proc.pid
+
+    async def send(self, line: str) -> None:
+        assert self._proc is not None and self._proc.stdin is not None
+        self._proc.stdin.write(line.encode() + b"\n")
+        await self._proc.stdin.drain()
+
+    async def expect(self, *words: str, timeout: float = RUN_TIMEOUT) -> list[str]:
+        """The next reply, which must start with one of ``words``."""
+        assert self._proc is not None and self._proc.stdout is not None
+        try:
+            line = await asyncio.wait_for(self._proc.stdout.readline(), timeout)
+        except TimeoutError:
+            raise RuntimeError(f"{self.label}: no reply in {timeout}s\n{self.log_tail()}") from None
+        reply = line.decode().split()
+        if not reply or reply[0] not in words:
+            raise RuntimeError(f"{self.label}: {line!r}, not {words}\n{self.log_tail()}")
+        return reply
+
+    def log_tail(self) -> str:
+        return "\n".join(self._log.read_text(errors="replace").splitlines()[-30:])
+
+    async def close(self) -> None:
+        if self._proc is None or self._proc.returncode is not None:
+            return
+        assert self._proc.stdin is not None
+        self._proc.stdin.close()
+        try:
+            await asyncio.wait_for(self._proc.wait(), 30)
+        except TimeoutError:
+            self._proc.kill()
+            await self._proc.wait()
 
 
-Runner = Callable[[str, Client, str, int, list[bytes]], Awaitable[Run]]
-
-
-def make_events(n: int) -> list[bytes]:
-    """Encoded DriverMessages shaped like the server's, distinct run ids."""
-    bodies = []
-    for i in range(n):
-        resource = Resource(
-            name=f"app-{i}",
-            type=RESOURCE_TYPE,
-            id=str(uuid.uuid4()),
-            metadata={"version": "1"},
-            spec={"repo": "https://example.com/app.git", "command": "make build"},
-        )
-        message = DriverMessage(
-            event="create", payload=resource, run_id=str(uuid.uuid4()), id=str(uuid.uuid4())
-        )
-        bodies.append(encode_driver_message(message))
-    return bodies
-
-
-async def create_consumer(js: JetStreamContext, name: str) -> None:
-    config = protocol.consumer_config(name, [RESOURCE_TYPE], ACK_WAIT)
-    await js.add_consumer(protocol.MESSAGES_STREAM, config)
-
-
-async def preload(js: JetStreamContext, bodies: list[bytes]) -> None:
-    """Publish every event before consuming starts, so publish speed is not measured.
-
-    The consumer must already exist: ``messages`` has interest retention and would drop
-    events nobody is interested in.
-    """
-    subject = protocol.resource_subject(RESOURCE_TYPE)
-    futures = [await js.publish_async(subject, body) for body in bodies]
-    await asyncio.gather(*futures)
-
-
-async def consumer_state(nc: Client, name: str) -> dict[str, object]:
-    # A raw request: nats-py's consumer_info builds dataclasses and parses dates, and this
-    # runs every few milliseconds on the same event loop as the code being measured.
-    reply = await nc.request(
-        f"$JS.API.CONSUMER.INFO.{protocol.MESSAGES_STREAM}.{name}", b"", timeout=5
-    )
-    state: dict[str, object] = orjson.loads(reply.data)
-    if "error" in state:
-        raise RuntimeError(f"consumer info for {name}: {state['error']}")
-    return state
-
-
-async def time_consumption(nc: Client, name: str, n: int, runner: asyncio.Task[None]) -> Run:
-    """Time from the first delivery until every event is delivered and acked.
-
-    Start: the last poll that saw nothing delivered; end: the first poll that saw all acked.
-    Each end is off by at most one poll interval, the same way for both sides. The consumer
-    is asked rather than the results counted, because a subscription on the result subject
-    would add a callback per event to the event loop being measured, and because the run
-    is over only when the last ack has reached the server.
-    """
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + RUN_TIMEOUT
-    started: float | None = None
-    before = time.perf_counter()
-    cpu_before = time.process_time()
-    while loop.time() < deadline:
-        if runner.done():
-            runner.result()  # a crashed runner should fail the bench, not hang it
-        state = await consumer_state(nc, name)
-        now = time.perf_counter()
-        cpu_now = time.process_time()
-        delivered = state["delivered"]
-        assert isinstance(delivered, dict)
-        if started is None:
-            if delivered["consumer_seq"] == 0:
-                before, cpu_before = now, cpu_now
-                await asyncio.sleep(POLL_START)
-                continue
-            started = before
-        if state["num_pending"] == 0 and state["num_ack_pending"] == 0:
-            if delivered["consumer_seq"] != n or state.get("num_redelivered"):
-                raise RuntimeError(f"{name}: expected {n} single deliveries, got {state}")
-            return Run(n, now - started, cpu_now - cpu_before)
-        await asyncio.sleep(POLL_RUNNING)
-    raise TimeoutError(f"{name}: not done within {RUN_TIMEOUT}s")
-
-
-# --- the framework -----------------------------------------------------------------------
-
-
-async def run_framework(
-    url: str, nc: Client, name: str, concurrency: int, bodies: list[bytes], *, ledger: bool = True
-) -> Run:
+async def run_child(
+    child: Child, nc: Client, server_pid: int, name: str, concurrency: int, bodies: list[bytes]
+) -> Sample:
+    """One run of ``child``, then a clean server for the next."""
     js = nc.jetstream()
-    driver = Driver(name, concurrency=concurrency, ack_wait=ACK_WAIT, ledger=ledger)
-
-    @driver.on(RESOURCE_TYPE)
-    async def noop(ctx: Context) -> None:
-        return None
-
-    await create_consumer(js, name)
-    await preload(js, bodies)
-    async with running(driver, url, log_level="warning") as task:
-        return await time_consumption(nc, name, len(bodies), task)
-
-
-async def run_framework_without_ledger(
-    url: str, nc: Client, name: str, concurrency: int, bodies: list[bytes]
-) -> Run:
-    """The framework with ``Driver(ledger=False)``: what the run ledger costs."""
-    return await run_framework(url, nc, name, concurrency, bodies, ledger=False)
-
-
-# --- the hand-written baseline -----------------------------------------------------------
-
-
-async def baseline_loop(url: str, name: str, concurrency: int, n: int) -> None:
-    """The same protocol written directly against nats-py, with nothing around it."""
-    nc = await nats.connect(url)
-    js = nc.jetstream()
-    psub = await js.pull_subscribe_bind(durable=name, stream=protocol.MESSAGES_STREAM)
-
-    async def handle(msg: Msg) -> None:
-        body = orjson.loads(msg.data)
-        payload = body["payload"]
-        resource = orjson.loads(payload) if isinstance(payload, str) else payload
-        result = orjson.dumps(
-            {
-                "event": protocol.RESULT_EVENT,
-                "run_id": body["run_id"],
-                "resource": resource,
-                "driverresult": {"success": True, "message": "", "data": None, "driver": name},
-            }
-        )
-        await js.publish(protocol.RESULT_SUBJECT, result)
-        await msg.ack()
-
-    handled = 0
+    n = len(bodies)
     try:
-        while handled < n:
-            try:
-                msgs = await psub.fetch(concurrency, timeout=5)
-            except NatsTimeoutError:
-                continue
-            if len(msgs) == 1:
-                await handle(msgs[0])
-            else:
-                await asyncio.gather(*(handle(msg) for msg in msgs))
-            handled += len(msgs)
-    finally:
-        await nc.close()
-
-
-async def run_baseline(
-    url: str, nc: Client, name: str, concurrency: int, bodies: list[bytes]
-) -> Run:
-    js = nc.jetstream()
-    await create_consumer(js, name)
-    await preload(js, bodies)
-    task = asyncio.create_task(baseline_loop(url, name, concurrency, len(bodies)))
-    try:
-        run = await time_consumption(nc, name, len(bodies), task)
+        await create_consumer(js, name)
+        await preload(js, bodies)
+        await child.send(f"start {name} {concurrency}")
+        replies: dict[str, list[str]] = {}
+        while len(replies) < 2:  # "started" and "first", in either order
+            reply = await child.expect("started", "first")
+            replies[reply[0]] = reply
+        started, driver_cpu = float(replies["first"][1]), float(replies["first"][2])
+        server_cpu = process_cpu(server_pid)
+        collector_cpu = time.process_time()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RUN_TIMEOUT
+        while not _finished(state := await consumer_state(nc, name), name, n):
+            if loop.time() > deadline:
+                raise TimeoutError(f"{child.label} {name}: not done within {RUN_TIMEOUT}s")
+            await asyncio.sleep(_until_next_poll(state, n, time.monotonic() - started))
+        ended = time.monotonic()
+        server_cpu = process_cpu(server_pid) - server_cpu
+        collector_cpu = time.process_time() - collector_cpu
+        await child.send("stop")
+        driver_cpu = float((await child.expect("stopped"))[1]) - driver_cpu
     except BaseException:
-        task.cancel()
-        with contextlib.suppress(BaseException):
-            await task
+        with contextlib.suppress(Exception):
+            await reset(js, name, n)
         raise
-    await task
-    return run
+    await reset(js, name, n)
+    return Sample(n, ended - started, driver_cpu, server_cpu, collector_cpu)
 
 
 # --- orchestration -----------------------------------------------------------------------
 
-
-async def reset(js: JetStreamContext, name: str, n: int) -> None:
-    """Leave the server as the next scenario expects it: no consumer, empty streams.
-
-    The result count doubles as a check that each event produced exactly one result.
-    """
-    results = (await js.stream_info(protocol.PIPELINE_STREAM)).state.messages
-    await js.delete_consumer(protocol.MESSAGES_STREAM, name)
-    for stream in (protocol.MESSAGES_STREAM, protocol.PIPELINE_STREAM, protocol.LOGS_STREAM):
-        await js.purge_stream(stream)
-    if results != n:
-        raise RuntimeError(f"{name}: {results} result events for {n} events")
+Samples = dict[tuple[str, str, int], list[Sample]]
 
 
-async def measure(
-    url: str, nc: Client, runner: Runner, name: str, concurrency: int, bodies: list[bytes]
-) -> Run:
-    """One run, then a clean server for the next."""
-    try:
-        run = await runner(url, nc, name, concurrency, bodies)
-    except BaseException:
-        with contextlib.suppress(Exception):
-            await reset(nc.jetstream(), name, len(bodies))
-        raise
-    await reset(nc.jetstream(), name, len(bodies))
-    return run
-
-
-async def profile_framework(url: str, nc: Client, concurrency: int, bodies: list[bytes]) -> None:
-    profiler = cProfile.Profile()
-    profiler.enable()
-    run = await measure(url, nc, run_framework, f"profile-c{concurrency}", concurrency, bodies)
-    profiler.disable()
-    out = io.StringIO()
-    stats = pstats.Stats(profiler, stream=out)
-    stats.sort_stats("tottime").print_stats(30)
-    stats.sort_stats("cumulative").print_stats(45)
-    print(f"\n=== cProfile: framework, concurrency {concurrency} ({run.rate:,.0f} msgs/s profiled)")
-    print(out.getvalue())
+def _rotated(children: list[Child], by: int) -> Iterator[Child]:
+    """Everyone once, starting somewhere else each round: no contender always goes first."""
+    for i in range(len(children)):
+        yield children[(i + by) % len(children)]
 
 
 async def main() -> int:
-    print(f"bench: {N} events per run, {ROUNDS} rounds, concurrency {CONCURRENCIES}")
+    print(
+        f"bench: {N} events per run, {ROUNDS} rounds, concurrency {CONCURRENCIES},"
+        f" loops {', '.join(LOOPS)}, {os.cpu_count()} cores"
+    )
     bodies = make_events(N)
-    sides: dict[str, Runner] = {
-        "framework": run_framework,
-        "no-ledger": run_framework_without_ledger,
-        "baseline": run_baseline,
-    }
-    runs: dict[tuple[str, int], list[Run]] = {
-        (side, c): [] for side in sides for c in CONCURRENCIES
-    }
-    async with EmbeddedNats() as server:
-        nc = await nats.connect(server.url)
-        try:
-            # First runs pay for imports, cattrs' generated functions and the server's
-            # first stream writes; neither side should be charged for that.
-            for side, runner in sides.items():
-                for c in CONCURRENCIES:
-                    await measure(
-                        server.url, nc, runner, f"warmup-{side}-c{c}", c, bodies[:WARMUP_N]
-                    )
-            for round_no in range(1, ROUNDS + 1):
-                # Alternate who goes first, so drift (a busy neighbour, a warming disk)
-                # does not always favour the same side.
-                order = list(sides.items())
-                if round_no % 2 == 0:
-                    order.reverse()
-                for c in CONCURRENCIES:
-                    for side, runner in order:
-                        name = f"{side}-c{c}-r{round_no}"
-                        run = await measure(server.url, nc, runner, name, c, bodies)
-                        runs[side, c].append(run)
-                        print(
-                            f"  {name:<20} {run.rate:>9,.0f} msgs/s  {run.cpu_us:>6,.0f} us CPU/msg"
-                        )
-            report(runs)
-            if PROFILE:
-                for c in CONCURRENCIES:
-                    await profile_framework(server.url, nc, c, bodies)
-        finally:
-            await nc.close()
+    samples: Samples = {(k, loop, c): [] for k in KINDS for loop in LOOPS for c in CONCURRENCIES}
+    with tempfile.TemporaryDirectory(prefix="bench-dispatch-") as logs:
+        children = [Child(kind, loop, Path(logs)) for loop in LOOPS for kind in KINDS]
+        async with EmbeddedNats() as server:
+            assert server.pid is not None
+            nc = await nats.connect(server.url)
+            try:
+                await asyncio.gather(*(child.spawn(server.url) for child in children))
+                # First runs pay for imports, cattrs' generated functions and the server's
+                # first stream writes; no contender should be charged for that.
+                for child in children:
+                    for c in CONCURRENCIES:
+                        name = f"warmup-{child.kind}-{child.loop}-c{c}"
+                        await run_child(child, nc, server.pid, name, c, bodies[:WARMUP_N])
+                for round_no in range(ROUNDS):
+                    for c in CONCURRENCIES:
+                        for child in _rotated(children, round_no):
+                            name = f"{child.kind}-{child.loop}-c{c}-r{round_no}"
+                            sample = await run_child(child, nc, server.pid, name, c, bodies)
+                            samples[child.kind, child.loop, c].append(sample)
+                            print(
+                                f"  {name:<34} {sample.rate:>9,.0f} msgs/s"
+                                f"  CPU us/msg: driver {sample.us(sample.driver_cpu):5.1f}"
+                                f"  nats-server {sample.us(sample.server_cpu):5.1f}"
+                                f"  collector {sample.us(sample.collector_cpu):4.1f}",
+                                flush=True,
+                            )
+                if PROFILE:
+                    for c in CONCURRENCIES:
+                        await profile_framework(server.url, nc, c, bodies)
+            finally:
+                await asyncio.gather(*(child.close() for child in children))
+                await nc.close()
+    report(samples)
     return 0
 
 
-def report(runs: dict[tuple[str, int], list[Run]]) -> None:
-    print()
-    print(
-        f"{'scenario':<16} {'framework msgs/s':>17} {'baseline msgs/s':>16} {'ratio':>6}"
-        f" {'(per round)':>12}  {'CPU us/msg fw/base':>18}"
-    )
-    missed = []
-    # The baseline keeps no run ledger, so the like-for-like comparison is the framework
-    # with its ledger off; what the ledger costs is reported below it.
+def _median(samples: list[Sample], value: Callable[[Sample], float]) -> float:
+    return statistics.median(value(sample) for sample in samples)
+
+
+def _paired(samples: Samples, a: tuple[str, str, int], b: tuple[str, str, int]) -> str:
+    """``a``/``b`` as the ratio of the medians, and the lowest and highest of the rounds."""
+    ratio = _median(samples[a], lambda s: s.rate) / _median(samples[b], lambda s: s.rate)
+    rounds = [x.rate / y.rate for x, y in zip(samples[a], samples[b], strict=True)]
+    return f"{ratio:.2f} ({min(rounds):.2f}-{max(rounds):.2f})"
+
+
+def report(samples: Samples) -> None:
+    print(f"\nmedians of {ROUNDS} rounds of {N} events (the lowest-highest round in brackets)")
     for c in CONCURRENCIES:
-        framework = statistics.median(run.rate for run in runs["no-ledger", c])
-        baseline = statistics.median(run.rate for run in runs["baseline", c])
-        ratio = framework / baseline
-        # Each round runs both sides back to back, so their ratio is less exposed to a
-        # neighbour's load than the medians are; its spread shows how noisy the machine was.
-        pairs = zip(runs["no-ledger", c], runs["baseline", c], strict=True)
-        paired = [f.rate / b.rate for f, b in pairs]
-        spread = f"{min(paired):.2f}-{max(paired):.2f}"
-        cpu_fw = statistics.median(run.cpu_us for run in runs["no-ledger", c])
-        cpu_base = statistics.median(run.cpu_us for run in runs["baseline", c])
-        verdict = "ok" if ratio >= TARGET else "BELOW TARGET"
-        if ratio < TARGET:
-            missed.append(c)
-        scenario = f"concurrency {c}"
         print(
-            f"{scenario:<16} {framework:>17,.0f} {baseline:>16,.0f} {ratio:>6.2f} {spread:>12}"
-            f"  {cpu_fw:>8,.0f} / {cpu_base:<7,.0f}  {verdict}"
+            f"\nconcurrency {c:<3} {'contender':<26} {'msgs/s':>8} {'(rounds)':>17}"
+            f"   CPU us/msg: {'driver':>6} {'nats-server':>11} {'collector':>9}"
+            "   vs hand-written"
         )
+        for loop in LOOPS:
+            for kind in KINDS:
+                runs = samples[kind, loop, c]
+                rates = [run.rate for run in runs]
+                ratio = (
+                    _paired(samples, (kind, loop, c), ("hand-written", loop, c))
+                    if kind != "hand-written"
+                    else ""
+                )
+                print(
+                    f"  {loop + ' ' + kind:<41} {statistics.median(rates):>8,.0f}"
+                    f" {f'({min(rates):,.0f}-{max(rates):,.0f})':>17}"
+                    f"               {_median(runs, lambda s: s.us(s.driver_cpu)):>6.1f}"
+                    f" {_median(runs, lambda s: s.us(s.server_cpu)):>11.1f}"
+                    f" {_median(runs, lambda s: s.us(s.collector_cpu)):>9.1f}   {ratio}"
+                )
     print(
-        f"(framework with ledger=False, as the baseline keeps none; medians of {ROUNDS} rounds"
-        f" of {N} events; target: ratio >= {TARGET})"
+        "\nissue 11, targets 1 and 2: the framework / the hand-written loop on the same loop,"
+        f" >= {TARGET}"
     )
-    print()
-    print("the run ledger's cost: framework (ledger on) / framework with ledger=False")
-    for c in CONCURRENCIES:
-        on = statistics.median(run.rate for run in runs["framework", c])
-        off = statistics.median(run.rate for run in runs["no-ledger", c])
-        pairs = zip(runs["framework", c], runs["no-ledger", c], strict=True)
-        paired = [f.rate / b.rate for f, b in pairs]
-        cpu_on = statistics.median(run.cpu_us for run in runs["framework", c])
-        cpu_off = statistics.median(run.cpu_us for run in runs["no-ledger", c])
-        target = LEDGER_TARGETS.get(c)
-        verdict = "" if target is None else ("ok" if on / off >= target else "BELOW TARGET")
-        print(
-            f"  concurrency {c:<4} {on:>9,.0f} / {off:>9,.0f} msgs/s = {on / off:.2f}"
-            f" ({min(paired):.2f}-{max(paired):.2f})  CPU {cpu_on:,.0f} / {cpu_off:,.0f} us/msg"
-            f"  target >= {target}: {verdict}"
-        )
-    if missed:
-        settings = ", ".join(str(c) for c in missed)
-        print(f"below target at concurrency {settings}")
-    else:
-        print("target met at every concurrency")
+    for loop in LOOPS:
+        for kind in ("framework-logged", "framework"):
+            cells = []
+            for c in CONCURRENCIES:
+                a, b = (kind, loop, c), ("hand-written", loop, c)
+                ok = _median(samples[a], lambda s: s.rate) >= TARGET * _median(
+                    samples[b], lambda s: s.rate
+                )
+                cells.append(f"c{c} {_paired(samples, a, b)} {'ok' if ok else 'BELOW'}")
+            print(f"  {loop:<8} {kind:<17} " + "   ".join(cells))
+    print("\nthe run ledger's cost: framework with the ledger / without (issue 10)")
+    for loop in LOOPS:
+        cells = []
+        for c in CONCURRENCIES:
+            a, b = ("framework-ledger", loop, c), ("framework", loop, c)
+            on, off = (_median(samples[x], lambda s: s.rate) for x in (a, b))
+            target = LEDGER_TARGETS[c]
+            cells.append(
+                f"c{c} {_paired(samples, a, b)} target >= {target}:"
+                f" {'ok' if on / off >= target else 'BELOW'}"
+            )
+        print(f"  {loop:<8} " + "   ".join(cells))
+    if "asyncio" in LOOPS and "uvloop" in LOOPS:
+        print("\nwhat uvloop buys: each contender on uvloop / on asyncio")
+        for kind in KINDS:
+            cells = [
+                f"c{c} {_paired(samples, (kind, 'uvloop', c), (kind, 'asyncio', c))}"
+                for c in CONCURRENCIES
+            ]
+            print(f"  {kind:<17} " + "   ".join(cells))
 
 
 if __name__ == "__main__":

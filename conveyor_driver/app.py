@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
@@ -205,12 +204,15 @@ class Driver:
         await serve(self, settings)
 
     def run(self, settings: Settings | None = None) -> None:
-        """Serve until SIGINT/SIGTERM; settings default to the CONVEYOR_* environment.
+        """Serve until SIGINT/SIGTERM on the loop ``settings.loop`` names (uvloop if it can).
+
+        Settings default to the CONVEYOR_* environment.
 
         ``conveyor-driver run`` comes through here too, so a driver started from Python
         and one started from the command line read the same variables and install the
         OpenTelemetry SDK from the same ``OTEL_*`` variables.
         """
+        from .loops import run
         from .settings import Settings
         from .telemetry import configure_from_env
 
@@ -219,7 +221,7 @@ class Driver:
             self.name, prometheus=settings.http_port is not None
         )
         try:
-            asyncio.run(self.serve(settings))
+            run(self.serve(settings), settings.loop)
         finally:
             if shutdown_telemetry is not None:
                 shutdown_telemetry()

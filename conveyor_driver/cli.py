@@ -54,6 +54,7 @@ _RUN = (
     "concurrency",
     "log_level",
     "log_format",
+    "loop",
     "embedded",
     "embedded_port",
     "embedded_dir",

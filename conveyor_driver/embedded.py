@@ -92,6 +92,11 @@ class EmbeddedNats:
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
+    @property
+    def pid(self) -> int | None:
+        """The nats-server's process id while it runs (``make bench`` reads its CPU time)."""
+        return self._process.pid if self._process is not None else None
+
     async def start(self) -> None:
         binary = find_nats_server()
         self.store_dir.mkdir(parents=True, exist_ok=True)

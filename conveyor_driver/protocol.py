@@ -11,14 +11,10 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-from nats.js.api import (
-    AckPolicy,
-    ConsumerConfig,
-    DeliverPolicy,
-    RetentionPolicy,
-    StreamConfig,
-)
+if TYPE_CHECKING:
+    from nats.js.api import ConsumerConfig, StreamConfig
 
 MESSAGES_STREAM = "messages"
 PIPELINE_STREAM = "pipeline-engine"
@@ -136,6 +132,10 @@ def consumer_config(driver: str, resource_types: Iterable[str], ack_wait: float)
     No inactive threshold: the consumer must outlive the process, because the ``messages``
     stream has interest retention and drops what no consumer is interested in.
     """
+    # Imported here: nats-py (and the aiohttp it loads) is most of `import conveyor_driver`,
+    # which defining a driver, or testing its handlers, does not need.
+    from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
     return ConsumerConfig(
         name=driver,
         durable_name=driver,
@@ -152,6 +152,8 @@ def server_streams() -> list[StreamConfig]:
 
     See ``docs/protocol.md#streams-and-retention``.
     """
+    from nats.js.api import RetentionPolicy, StreamConfig
+
     return [
         StreamConfig(
             name=MESSAGES_STREAM,

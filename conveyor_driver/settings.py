@@ -23,6 +23,7 @@ import attrs
 from . import validation
 from .errors import InvalidSettingError
 from .logs.loki import LokiConfig, parse_labels
+from .loops import LOOPS
 from .variables import (
     COMMAND_VARIABLES,
     DEFAULT_API_URL,
@@ -83,6 +84,8 @@ class Settings:
     concurrency: int | None = attrs.field(default=None, validator=validation.number(int, minimum=1))
     log_level: str = attrs.field(default="info", validator=validation.one_of(LOG_LEVELS))
     log_format: str = attrs.field(default="auto", validator=validation.one_of(LOG_FORMATS))
+    #: ``auto`` runs uvloop when it is installed (:mod:`conveyor_driver.loops`).
+    loop: str = attrs.field(default="auto", validator=validation.one_of(LOOPS))
     embedded: bool = False
     embedded_port: int | None = attrs.field(default=None, validator=validation.port())
     embedded_dir: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))

@@ -16,6 +16,7 @@ import attrs
 
 from .errors import ConfigurationError
 from .logs.loki import LINE_FORMATS
+from .loops import LOOPS
 
 DEFAULT_NATS_URL = "nats://localhost:4222"
 DEFAULT_API_URL = "http://localhost:8080"
@@ -128,6 +129,15 @@ VARIABLES: tuple[Variable, ...] = (
         "console (pretty), json (one object a line), auto (console on a terminal).",
         "auto",
         metavar="[" + "|".join(LOG_FORMATS) + "]",
+    ),
+    Variable(
+        "CONVEYOR_LOOP",
+        "loop",
+        "--loop",
+        lower,
+        "Event loop: uvloop (auto: when installed) or asyncio's own.",
+        "auto",
+        metavar="[" + "|".join(LOOPS) + "]",
     ),
     Variable(
         "CONVEYOR_EMBEDDED",

@@ -9,6 +9,10 @@ Markers (registered in pyproject.toml, where ``--strict-markers`` refuses any ot
   a build. Always written on the test or its module. ``make test-fast`` leaves these out.
 - ``slow``: builds the package into fresh venvs; minutes, not seconds.
 
+The event loop: in-process tests run on asyncio's own loop, or on uvloop with
+``pytest --event-loop uvloop`` (``make test`` runs the runtime's tests again that way). The
+drivers that process tests start choose for themselves (``--loop auto``: uvloop).
+
 Marks are checked, not hoped for: :func:`_children_match_their_markers` watches every child
 a test starts, and a test that starts a nats-server or a Python without the marker that
 says so fails at teardown, naming the marker to add. Other children (the shell commands of
@@ -18,10 +22,11 @@ marker.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +35,25 @@ import pytest
 pytest_plugins = ["conveyor_driver.testing.fixtures"]
 
 _PYTHON = {Path(sys.executable).name, "conveyor-driver", "pip"}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--event-loop",
+        choices=("asyncio", "uvloop"),
+        default="asyncio",
+        help="the event loop of in-process async tests (default: asyncio)",
+    )
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
+    if config.getoption("event_loop") == "uvloop":
+        import uvloop
+
+        return {"uvloop": uvloop.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -132,3 +132,13 @@ async def test_a_failed_start_removes_its_temporary_directory(plain_listener: in
         async with asyncio.timeout(QUICKLY), server:
             pass
     assert not store.exists()
+
+
+async def test_pid_names_the_running_nats_server_and_none_once_stopped() -> None:
+    server = EmbeddedNats()
+    assert server.pid is None
+    async with server:
+        assert server.pid is not None
+        comm = await asyncio.to_thread(Path(f"/proc/{server.pid}/comm").read_text)
+        assert comm.strip() == "nats-server"
+    assert server.pid is None

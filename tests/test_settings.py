@@ -76,6 +76,7 @@ CASES = [
     Case("CONVEYOR_CONCURRENCY", "--concurrency", "4", 4, lambda s: s.concurrency, ("0", "abc")),
     Case("CONVEYOR_LOG_LEVEL", "--log-level", "WARNING", "warning", lambda s: s.log_level, ("x",)),
     Case("CONVEYOR_LOG_FORMAT", "--log-format", "json", "json", lambda s: s.log_format, ("xml",)),
+    Case("CONVEYOR_LOOP", "--loop", "ASYNCIO", "asyncio", lambda s: s.loop, ("tokio",)),
     Case(
         "CONVEYOR_EMBEDDED",
         "--embedded",

@@ -27,7 +27,6 @@ from ..models import (
     resource_from_json,
 )
 from ..telemetry import Telemetry
-from .auth import CertificateAuth
 from .errors import (
     APIUnavailableError,
     ConveyorAPIError,
@@ -42,6 +41,7 @@ from .transport import Transport
 if TYPE_CHECKING:
     from ..settings import Settings
     from ..tls import TLSConfig
+    from .auth import CertificateAuth
 
 T = TypeVar("T")
 
@@ -99,7 +99,11 @@ class ConveyorClient:
         telemetry: Telemetry | None = None,
     ) -> ConveyorClient:
         """The client the runtime hands to handlers: signed requests when an identity is set."""
-        auth = CertificateAuth(tls.identity) if tls and tls.identity else None
+        auth = None
+        if tls and tls.identity:
+            from .auth import CertificateAuth
+
+            auth = CertificateAuth(tls.identity)
         ssl_context = tls.ssl_context() if tls and settings.api_url.startswith("https") else None
         return cls(settings.api_url, auth=auth, ssl=ssl_context, log=log, telemetry=telemetry)
 

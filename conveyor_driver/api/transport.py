@@ -11,7 +11,7 @@ from __future__ import annotations
 import ssl
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
@@ -21,7 +21,6 @@ from structlog.typing import FilteringBoundLogger
 from yarl import URL
 
 from ..telemetry import Telemetry
-from .auth import CertificateAuth
 from .errors import (
     APIUnavailableError,
     ConveyorAPIError,
@@ -30,6 +29,9 @@ from .errors import (
     failure_reason,
 )
 from .retry import RetryPolicy
+
+if TYPE_CHECKING:
+    from .auth import CertificateAuth
 
 
 class Transport:

@@ -27,7 +27,6 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import attrs
 import orjson
 
@@ -38,6 +37,7 @@ from .sink import LineCounter, SinkReporter
 from .stdlib import silence_bridge
 
 if TYPE_CHECKING:
+    import aiohttp
     from structlog.typing import EventDict, FilteringBoundLogger, WrappedLogger
 
     from ..runtime.publisher import Publisher
@@ -218,6 +218,10 @@ class LokiSink:
         )
 
     async def _ship_forever(self) -> None:
+        # Here, not at the top: settings import this module for LokiConfig, and
+        # `import conveyor_driver` should not pay for an HTTP client it may never use.
+        import aiohttp
+
         silence_bridge()
         headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
         if self.config.tenant:
@@ -313,6 +317,8 @@ class LokiSink:
 
     async def _push(self, session: aiohttp.ClientSession, body: bytes, count: int) -> None:
         """Send one batch; retry on 429, 5xx and connection errors; drop on other 4xx."""
+        import aiohttp
+
         for attempt in range(_MAX_RETRIES + 1):
             try:
                 async with session.post(self.config.push_url, data=body) as response:

@@ -21,7 +21,6 @@ from nats.errors import Error as NatsError
 from structlog.typing import FilteringBoundLogger
 
 from ..errors import NatsUnavailableError
-from ..tls import ssl_reason
 
 #: How long one-shot commands (emit, status) wait for NATS before they give up.
 COMMAND_TIMEOUT = 5.0
@@ -181,6 +180,8 @@ def nats_tls_failure(exc: BaseException, urls: str, *, tls_configured: bool) -> 
 
     None for anything else (a refused connection, a timeout), which start-up retries.
     """
+    from ..tls import ssl_reason  # here: tls loads cryptography, which most starts skip
+
     if isinstance(exc, PlaintextServerError):
         if exc.optional:
             return (

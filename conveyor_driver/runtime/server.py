@@ -24,9 +24,9 @@ from ..logs.chain import build_logger
 from ..logs.loki import LokiSink
 from ..logs.nats import NatsLogSink
 from ..logs.stdlib import bridged
+from ..loops import loop_name
 from ..settings import Settings
 from ..telemetry import Telemetry
-from ..tls import load_tls
 from .backlog import BacklogWatch
 from .connection import connect
 from .consumer import Consumer, ensure_consumer, ensuring_what
@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
     from ..app import Driver
     from ..logs.sink import LogSink
+    from ..tls import TLSConfig
 
 
 async def serve(driver: Driver, settings: Settings | None = None) -> None:
@@ -53,7 +54,7 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
     settings = settings or Settings.from_env()
     driver.check()
     # Certificates are checked before anything starts: a wrong file is a one-line error.
-    tls = load_tls(settings.tls_cert, settings.tls_key, settings.tls_ca)
+    tls = _load_tls(settings)
     nats_tls = tls.ssl_context() if tls is not None else None
     concurrency = concurrency_within(settings.concurrency or driver.concurrency, settings.max_runs)
     telemetry = Telemetry()
@@ -174,6 +175,7 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
             concurrency=concurrency,
             nats=", ".join(urls),
             **_lifetime(settings),
+            loop=loop_name(asyncio.get_running_loop()),
         )
         try:
             _raise_if_cancelled()
@@ -232,6 +234,15 @@ async def _open_ledger(
         raise ConsumerSetupError(f"{exc} (or run with --no-ledger to go without it)") from None
 
 
+def _load_tls(settings: Settings) -> TLSConfig | None:
+    """The TLS identity, if any; imported only then (``cryptography`` costs start-up time)."""
+    if settings.tls_cert is None and settings.tls_key is None and settings.tls_ca is None:
+        return None
+    from ..tls import load_tls
+
+    return load_tls(settings.tls_cert, settings.tls_key, settings.tls_ca)
+
+
 def _raise_if_cancelled() -> None:
     """Honour a cancellation that arrived during start-up and was lost on the way.
 
@@ -251,7 +262,10 @@ async def _close(nc: object) -> None:
     with contextlib.suppress(Exception):
         await asyncio.wait_for(nc.drain(), 10)
     if not nc.is_closed:
-        await nc.close()
+        # With NATS away, nats-py's close still writes what it holds to a dead transport:
+        # asyncio says ConnectionResetError, uvloop RuntimeError. Either way it is closed.
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await nc.close()
 
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
