@@ -40,6 +40,7 @@ KINDS = {
     "framework": "ledger off, log level warning",
     "framework-logged": "ledger off, log level info, one ctx.log.info per run",
     "framework-ledger": "ledger on, log level warning",
+    "framework-unwatched": "ledger off, log level warning, no loop watchdog",
 }
 #: A pull request outlives any run; one that expires anyway is answered 408 and renewed.
 PULL_EXPIRES_NS = 60 * 1_000_000_000
@@ -163,6 +164,10 @@ class Contender:
 
             self._stop = stop_loop
             return
+        if self._kind == "framework-unwatched":  # what the watchdog costs (issue 10: <= 2%)
+            from conveyor_driver.runtime import watchdog
+
+            watchdog.LoopWatchdog.start = lambda self: None  # type: ignore[method-assign]
         driver = Driver(name, concurrency=slots, ack_wait=ACK_WAIT)
         logged = self._kind == "framework-logged"
         first: list[Callable[[], None]] = [self._first]

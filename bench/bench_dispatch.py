@@ -2,8 +2,9 @@
 
 Every contender runs in a process of its own (``_contender.py``) on asyncio's loop and on
 uvloop, against one nats-server: the hand-written loop, the framework (ledger off, log
-level warning), the framework at log level info with one ``ctx.log.info`` per run, and the
-framework with its run ledger. Each consumes the same pre-loaded events (DriverMessages as
+level warning), the framework at log level info with one ``ctx.log.info`` per run, the
+framework with its run ledger, and the framework without its loop watchdog (what the
+watchdog costs). Each consumes the same pre-loaded events (DriverMessages as
 the Conveyor server sends them) from a durable pull consumer with the framework's
 configuration, publishes one PipelineEvent per event to ``pipelines.driver.result``, awaits
 its PubAck and only then acks. The handler does nothing, so what is measured is the cost
@@ -58,6 +59,8 @@ CONCURRENCIES = (1, 64)
 TARGET = 0.9
 #: The run ledger's cost targets (issue 10): ledger on / off, by concurrency.
 LEDGER_TARGETS = {1: 0.6, 64: 0.75}
+#: The most the loop watchdog may cost at concurrency 64 (issue 10).
+WATCHDOG_TARGET = 0.02
 WARMUP_N = 300
 #: How often the collector asks the consumer whether the run is over: the end is late by
 #: at most this, the same way for every contender.
@@ -330,6 +333,23 @@ def report(samples: Samples) -> None:
             cells.append(
                 f"c{c} {_paired(samples, a, b)} target >= {target}:"
                 f" {'ok' if on / off >= target else 'BELOW'}"
+            )
+        print(f"  {loop:<8} " + "   ".join(cells))
+    print(
+        "\nthe loop watchdog's cost: framework / framework without it (issue 10:"
+        f" at most {WATCHDOG_TARGET:.0%} at concurrency 64)"
+    )
+    for loop in LOOPS:
+        cells = []
+        for c in CONCURRENCIES:
+            a, b = ("framework", loop, c), ("framework-unwatched", loop, c)
+            on, off = (_median(samples[x], lambda s: s.rate) for x in (a, b))
+            cpu_on, cpu_off = (_median(samples[x], lambda s: s.us(s.driver_cpu)) for x in (a, b))
+            verdict = ""
+            if c == 64:
+                verdict = " ok" if on / off >= 1 - WATCHDOG_TARGET else " BELOW (or noise)"
+            cells.append(
+                f"c{c} {_paired(samples, a, b)} CPU {cpu_on:.1f}/{cpu_off:.1f} us{verdict}"
             )
         print(f"  {loop:<8} " + "   ".join(cells))
     if "asyncio" in LOOPS and "uvloop" in LOOPS:
