@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_dispatch.py
 	$(BIN)/python bench/bench_logs.py
 	$(BIN)/python bench/bench_telemetry.py
+	$(BIN)/python bench/bench_workers.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .coverage .coverage.* build *.egg-info

@@ -14,6 +14,7 @@ import socket
 from typing import Any
 
 import aiohttp
+import nats
 import pytest
 from _helpers import invoke, one_error_line, wait_until
 from apps.harness import DriverProcess, app, driver_process, run_cli, wait_settled
@@ -21,7 +22,7 @@ from nats.aio.client import Client
 from prometheus_client.parser import text_string_to_metric_families
 
 from conveyor_driver import Driver, Settings
-from conveyor_driver.embedded import EmbeddedNats
+from conveyor_driver.embedded import EmbeddedNats, free_port
 from conveyor_driver.emit import ResultWatch, emit_event, watch_results
 from conveyor_driver.errors import ConfigurationError
 from conveyor_driver.models import Resource
@@ -214,6 +215,29 @@ async def test_sigterm_to_the_parent_drains_both_workers(
         await parent.wait_for_log("waiting for running handlers", worker=index, count=1)
         await parent.wait_for_log("worker stopped", worker=index, exit="exit status 0")
     await parent.wait_for_log("workers stopped", workers=2)
+
+
+@pytest.mark.nats
+@pytest.mark.process
+async def test_embedded_with_workers_is_one_server_for_all() -> None:
+    port = free_port()
+    args = ("--embedded", "--embedded-port", str(port), "--workers", "2")
+    async with driver_process(PATIENT, *args) as parent:
+        await _started(parent)
+        url = f"nats://127.0.0.1:{port}"
+        servers = [r for r in parent.records if r.get("event") == "embedded nats-server started"]
+        assert [(r.get("url"), "worker" in r) for r in servers] == [(url, False)]
+        started = [r for r in parent.records if r.get("event") == "driver started"]
+        assert [r["nats"] for r in started] == [url, url]
+        nc = await nats.connect(url)
+        try:
+            async with watch_results(nc) as watch:
+                message = await emit_event(nc, Resource("one", "job"))
+                await watch.wait(message.run_id, timeout=TIMEOUT)
+        finally:
+            await nc.close()
+        parent.send(signal.SIGTERM)
+        assert await parent.wait(TIMEOUT) == 0, parent.output
 
 
 @pytest.mark.process
