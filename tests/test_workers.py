@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import os
 import signal
-import socket
 from typing import Any
 
 import aiohttp
@@ -55,29 +54,11 @@ def _results(watch: ResultWatch, run_id: str) -> list[dict[str, Any]]:
     return [event.driverresult.data for event in watch.results(run_id)]
 
 
-def _free_ports(count: int) -> int:
-    """A port with the ``count - 1`` ports after it free too (parent, then one per worker)."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            base = int(probe.getsockname()[1])
-        if base + count > 65535:
-            continue
-        try:
-            for port in range(base, base + count):
-                with socket.socket() as sock:
-                    sock.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return base
-    raise RuntimeError("no run of free ports")
-
-
 @pytest.mark.process
 async def test_two_workers_share_the_work_and_the_parent_answers_for_both(
     nats_server: EmbeddedNats, nats_client: Client
 ) -> None:
-    port = _free_ports(3)
+    port = free_port()
     args = ("--nats-url", nats_server.url, "--workers", "2", "--http-port", str(port))
     async with (
         driver_process(PATIENT, *args) as parent,

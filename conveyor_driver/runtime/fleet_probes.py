@@ -1,8 +1,8 @@
 """One ``/healthz``, ``/readyz`` and ``/metrics`` for all the workers of ``--workers N``.
 
 An orchestrator probes one port per container, so the supervisor answers on
-``--http-port`` for every worker: each worker serves its own probes on loopback, on the
-ports after it (``--http-port`` + 1 + its index), and the supervisor asks them all.
+``--http-port`` for every worker: each worker serves its own probes on a loopback port the
+supervisor picked when it started the worker, and the supervisor asks them all.
 
 - ``/healthz`` fails when a worker says it is unhealthy (a stalled consumer, a blocked
   loop). A worker whose probe does not answer is starting (or being restarted by the
@@ -32,10 +32,13 @@ _FAMILY = re.compile(r"^# (?:HELP|TYPE) (\S+)")
 
 
 class FleetProbes:
-    """The probes of the workers listening on ``ports`` (worker i on ``ports[i]``)."""
+    """The probes of the workers listening on ``ports`` (worker i on ``ports[i]``).
 
-    def __init__(self, ports: Sequence[int], host: str = "127.0.0.1") -> None:
-        self.ports = tuple(ports)
+    The supervisor changes ``ports[i]`` when it starts worker i again.
+    """
+
+    def __init__(self, ports: list[int], host: str = "127.0.0.1") -> None:
+        self.ports = ports
         self.host = host
         self.stopping = False
 
@@ -64,7 +67,7 @@ class FleetProbes:
     def metrics(self) -> Answer:
         texts: list[tuple[int, str]] = []
         content_type = "text/plain; version=0.0.4; charset=utf-8"
-        for index, port in enumerate(self.ports):
+        for index, port in enumerate(list(self.ports)):
             answer = self._get(port, "/metrics")
             if answer is None:
                 continue  # a worker being restarted: its series are missing from this scrape
@@ -79,7 +82,7 @@ class FleetProbes:
 
     def _ask_all(self, path: str) -> list[tuple[int | None, str]]:
         answers: list[tuple[int | None, str]] = []
-        for port in self.ports:
+        for port in list(self.ports):
             answer = self._get(port, path)
             if answer is None:
                 answers.append((None, "not answering"))

@@ -24,7 +24,8 @@ the driver's durable consumer, which hands each message to one of them.
 - **One embedded server.** With ``--embedded`` the parent starts the nats-server, and the
   workers connect to it.
 - **Probes.** With ``--http-port`` the parent answers for all the workers
-  (:mod:`.fleet_probes`); each worker serves its own on loopback, on the next ports.
+  (:mod:`.fleet_probes`); each worker serves its own on a free loopback port the parent
+  picks at each start.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigurationError, ConveyorDriverError
+from ..embedded import free_port
+from ..errors import ConveyorDriverError
 from ..logs.chain import build_logger
 from ..variables import as_environment
 from .fleet_probes import FleetProbes
@@ -142,32 +144,25 @@ class _Supervisor:
     async def _start_probes(self, stack: contextlib.AsyncExitStack) -> FleetProbes:
         settings = self.settings
         assert settings.http_port is not None
-        ports = [settings.http_port + 1 + index for index in range(settings.workers)]
-        if ports[-1] > 65535:
-            raise ConfigurationError(
-                f"--http-port {settings.http_port} leaves no room for {settings.workers} "
-                f"workers' probes (ports up to {ports[-1]}): choose a lower port"
-            )
-        fleet = FleetProbes(ports)
+        fleet = FleetProbes([0] * settings.workers)  # each worker's port: set as it starts
         runner = await start_probes(fleet, settings.http_port, settings.http_host, fleet.metrics)
         stack.push_async_callback(runner.cleanup)
-        self.log.info(
-            "probes listening",
-            host=settings.http_host,
-            port=settings.http_port,
-            worker_ports=f"127.0.0.1:{ports[0]}-{ports[-1]}",
-        )
+        self.log.info("probes listening", host=settings.http_host, port=settings.http_port)
         return fleet
 
     async def _keep(self, index: int, common: Mapping[str, Any]) -> int:
         """Run worker ``index`` until the parent stops; its last exit status."""
         own: dict[str, Any] = {**common, "worker_index": index}
-        if self.fleet is not None:
-            own.update(http_port=self.fleet.ports[index], http_host=self.fleet.host)
-        env = {**self.env, **as_environment(own)}
         loop = asyncio.get_running_loop()
         deaths = 0  # in a row, each at start
         while True:
+            if self.fleet is not None:
+                # A port free now, rather than a fixed one: ports next to --http-port may be
+                # anyone's (the local end of some connection), and a taken port would make
+                # the worker die at start. A port taken in between costs one restart.
+                self.fleet.ports[index] = free_port()
+                own.update(http_port=self.fleet.ports[index], http_host=self.fleet.host)
+            env = {**self.env, **as_environment(own)}
             started = loop.time()
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -180,7 +175,7 @@ class _Supervisor:
                 process_group=0,
             )
             self.procs[index] = proc
-            self.log.info("worker started", worker=index, pid=proc.pid)
+            self.log.info("worker started", worker=index, pid=proc.pid, **_probe(own))
             if self.stop.is_set():
                 _send(proc, signal.SIGTERM)  # the stop came while it was being started
             code = await proc.wait()
@@ -226,6 +221,10 @@ class _Supervisor:
         for proc in self.procs:
             if proc is not None:
                 _send(proc, sig)
+
+
+def _probe(own: Mapping[str, Any]) -> dict[str, Any]:
+    return {"probe_port": own["http_port"]} if "http_port" in own else {}
 
 
 def _send(proc: asyncio.subprocess.Process, sig: signal.Signals) -> None:
