@@ -198,6 +198,22 @@ async def test_sigterm_to_the_parent_drains_both_workers(
     await parent.wait_for_log("workers stopped", workers=2)
 
 
+@pytest.mark.process
+async def test_workers_stop_by_themselves_when_the_parent_is_killed(
+    nats_server: EmbeddedNats,
+) -> None:
+    """A parent killed with SIGKILL forwards nothing: orphaned workers must not consume on."""
+    args = ("--nats-url", nats_server.url, "--workers", "2")
+    async with driver_process(PATIENT, *args) as parent:
+        await _started(parent)
+        parent.send(signal.SIGKILL)
+        # The workers share the parent's stderr: it ends once both have exited.
+        assert await parent.wait(TIMEOUT) == -signal.SIGKILL
+        for index in (0, 1):
+            await parent.wait_for_log("supervisor gone; stopping", worker=index)
+            await parent.wait_for_log("driver stopped", worker=index)
+
+
 @pytest.mark.nats
 @pytest.mark.process
 async def test_embedded_with_workers_is_one_server_for_all() -> None:
