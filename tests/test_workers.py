@@ -7,6 +7,7 @@ every worker, and workers that cannot start end the parent instead of a restart 
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import os
 import signal
@@ -25,7 +26,8 @@ from conveyor_driver.embedded import EmbeddedNats, free_port
 from conveyor_driver.emit import ResultWatch, emit_event, watch_results
 from conveyor_driver.errors import ConfigurationError
 from conveyor_driver.models import Resource
-from conveyor_driver.runtime.fleet_probes import merge_expositions
+from conveyor_driver.runtime.fleet_probes import FleetProbes, merge_expositions
+from conveyor_driver.runtime.probes import Answer, start_probes
 from conveyor_driver.variables import as_environment
 
 PATIENT = app("worker_app.py:driver")  # grace_period 30 s
@@ -300,3 +302,52 @@ def test_one_metrics_page_for_all_workers() -> None:
         {"worker": "0"},
         {"worker": "1"},
     ]
+
+
+class _Worker:
+    """What one worker's probe server answers from."""
+
+    def __init__(self, health: tuple[bool, str], ready: tuple[bool, str]) -> None:
+        self._health, self._ready = health, ready
+
+    def health(self) -> tuple[bool, str]:
+        return self._health
+
+    def readiness(self) -> tuple[bool, str]:
+        return self._ready
+
+
+async def test_the_parent_answers_for_every_worker_and_names_the_one_at_fault() -> None:
+    """Real probe servers as the workers; the third worker's port has nobody (restarting)."""
+
+    def no_sdk() -> Answer:
+        return 501, "text/plain", b"metrics need the SDK\n"
+
+    ports = [free_port() for _ in range(3)]
+    good = await start_probes(_Worker((True, "consuming"), (True, "ready")), ports[0])
+    stalled = await start_probes(
+        _Worker((False, "consume loop has not iterated for 31s"), (False, "starting")),
+        ports[1],
+        metrics=no_sdk,
+    )
+    try:
+        fleet = FleetProbes(list(ports))
+        assert await asyncio.to_thread(fleet.health) == (
+            False,
+            "worker 0: consuming; worker 1: consume loop has not iterated for 31s; "
+            "worker 2: starting",
+        )
+        assert await asyncio.to_thread(fleet.readiness) == (
+            False,
+            "worker 0: ready; worker 1: starting; worker 2: not answering (starting)",
+        )
+        assert (await asyncio.to_thread(fleet.metrics))[0] == 501
+        fleet.ports[:] = ports[:1] + ports[2:]  # worker 1 out of the way
+        assert (await asyncio.to_thread(fleet.health))[0] is True
+        fleet.ports[:] = [ports[2]]
+        assert (await asyncio.to_thread(fleet.metrics))[0] == 503
+        fleet.stopping = True
+        assert await asyncio.to_thread(fleet.readiness) == (False, "shutting down")
+    finally:
+        await good.cleanup()
+        await stalled.cleanup()
