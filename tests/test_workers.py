@@ -172,8 +172,9 @@ async def test_a_worker_killed_mid_run_is_restarted_and_nothing_is_lost(
 
 
 @pytest.mark.process
-async def test_sigterm_to_the_parent_drains_both_workers(
-    nats_server: EmbeddedNats, nats_client: Client
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_a_stop_signal_to_the_parent_drains_both_workers(
+    nats_server: EmbeddedNats, nats_client: Client, sig: signal.Signals
 ) -> None:
     args = ("--nats-url", nats_server.url, "--workers", "2")
     async with driver_process(PATIENT, *args) as parent, watch_results(nats_client) as watch:
@@ -184,7 +185,7 @@ async def test_sigterm_to_the_parent_drains_both_workers(
         ]
         for message in messages:
             await parent.wait_for_log("handler started", TIMEOUT, run_id=message.run_id)
-        parent.send(signal.SIGTERM)
+        parent.send(sig)
         assert await parent.wait(TIMEOUT) == 0, parent.output
         await nats_client.flush()
         results = [_results(watch, message.run_id) for message in messages]
