@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint typecheck bench clean
+.PHONY: install demo test test-fast lint typecheck bench manifests clean
 
 $(STAMP): pyproject.toml conveyor_driver/_version.py
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,14 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_logs.py
 	$(BIN)/python bench/bench_telemetry.py
 	$(BIN)/python bench/bench_workers.py
+
+# deploy/k8s is the manifest command's output for the example driver (tests/test_deploy.py
+# checks it is current): rewrite it after changing the command or the example. No CONVEYOR_*
+# variable of this shell may change it.
+EXAMPLE := examples/command_runner.py:driver
+manifests: $(STAMP)
+	env -i $(BIN)/conveyor-driver manifest $(EXAMPLE) > deploy/k8s/deployment.yaml
+	env -i $(BIN)/conveyor-driver manifest $(EXAMPLE) --scaled-job > deploy/k8s/scaled-job.yaml
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .coverage .coverage.* build *.egg-info

@@ -1,4 +1,4 @@
-"""The ``conveyor-driver`` command: run a driver, emit a test event, list routes, follow logs.
+"""The ``conveyor-driver`` command: run a driver, emit an event, list routes, follow logs...
 
 Every option can also be set with a ``CONVEYOR_*`` environment variable, which ``--help``
 names. Click itself reads no variable: the options are generated from the table in
@@ -63,9 +63,12 @@ _RUN = (
     "http_host",
     "startup_timeout",
     "block_threshold",
+    "lag_interval",
     "ledger",
     "ledger_ttl",
     "timeout",
+    "max_runs",
+    "exit_when_idle",
     *_LOKI,
     *_TLS,
 )
@@ -197,6 +200,24 @@ def run(app: str | None, **options: Any) -> None:
         given = as_environment(_given(options, _RUN))
         sys.exit(supervise(driver, _app(app), settings, given))
     driver.run(settings)
+
+
+_LAG: tuple[str, ...] = ("nats_urls", "http_port", "http_host", "startup_timeout")
+_LAG += ("lag_interval", "log_level", "log_format", *_TLS)
+
+
+@main.command()
+@_APP
+@_options(*_LAG)
+@_friendly_errors
+def lag(app: str | None, **options: Any) -> None:
+    """Serve APP's backlog on /metrics, to scale it from zero; run no handler, pull nothing.
+
+    Creates APP's consumer if it is missing, so that events are kept; never changes one.
+    """
+    from .runtime.lag import serve_lag
+
+    _run_async(serve_lag(load_driver(_app(app)), _settings(options, _LAG)))
 
 
 @main.command()
@@ -375,6 +396,21 @@ async def _emit(
 
 class _NoResult(ConveyorDriverError):
     pass
+
+
+@main.command()
+@_APP
+@_options("http_port", command="manifest")
+@_friendly_errors
+def manifest(app: str | None, **options: Any) -> None:
+    """Print Kubernetes manifests for APP, the values that must agree read off the Driver."""
+    from .manifest import DEFAULT_HTTP_PORT, ManifestOptions, render
+
+    own = _own(options, "manifest")
+    port = _settings(options, ("http_port",)).http_port or DEFAULT_HTTP_PORT
+    shape = "scaled-job" if own["scaled_job"] else "deployment"
+    chosen = ManifestOptions(own["image"], port, own["prometheus_url"], shape)
+    click.echo(render(load_driver(_app(app)), chosen), nl=False)
 
 
 @main.command()

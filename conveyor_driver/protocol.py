@@ -118,6 +118,10 @@ def ledger_subject(bucket: str, key: str) -> str:
     return f"$KV.{bucket}.{key}"
 
 
+#: The body of a JetStream ack. Sent with a reply subject, the consumer answers once it
+#: has applied the ack (after replicating it, on a cluster): a confirmed ack.
+ACK = b"+ACK"
+
 #: A write that must find the key at this revision (0: the key must not exist yet).
 EXPECTED_LAST_SUBJECT_SEQUENCE_HEADER = "Nats-Expected-Last-Subject-Sequence"
 #: JetStream's answers to a failed expectation of the last subject sequence.

@@ -110,6 +110,14 @@ class Settings:
     )
     #: A loop that does not turn for this long is reported with the stack holding it.
     block_threshold: float = attrs.field(default=1.0, validator=validation.number(float, above=0))
+    #: How often the consumer's backlog is read for /metrics (and ``conveyor-driver lag``).
+    lag_interval: float = attrs.field(default=5.0, validator=validation.number(float, above=0))
+    #: One-shot and draining modes (docs/protocol.md#one-shot-and-draining-modes): stop after
+    #: this many runs, or after this many idle seconds.
+    max_runs: int | None = attrs.field(default=None, validator=validation.number(int, minimum=1))
+    exit_when_idle: float | None = attrs.field(
+        default=None, validator=validation.number(float, above=0)
+    )
     #: The driver's identity on a secured Conveyor (``docs/protocol.md#authentication``): a PEM
     #: certificate chain (leaf first), its private key, and the operator's CA.
     tls_cert: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))

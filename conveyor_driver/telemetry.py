@@ -13,7 +13,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from opentelemetry import metrics, propagate, trace
 from opentelemetry.context import Context as OtelContext
@@ -21,6 +21,7 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 from structlog.typing import EventDict, WrappedLogger
 
+from . import exposition
 from ._version import __version__
 
 if TYPE_CHECKING:
@@ -86,6 +87,12 @@ class _InflightGauge:
 _INFLIGHT = _InflightGauge()
 
 
+class _Adds(Protocol):
+    """A counter: the SDK's, or a tally of :data:`exposition.RUNS` without it."""
+
+    def add(self, amount: int, attributes: dict[str, str]) -> None: ...
+
+
 class Telemetry:
     """The tracer and the instruments of one driver, built once and handed to its parts.
 
@@ -106,11 +113,16 @@ class Telemetry:
             description="Time a handler took to process one message",
             explicit_bucket_boundaries_advisory=_RUN_BUCKETS,
         )
-        self.runs = self._meter.create_counter(
-            "conveyor.driver.runs",
-            unit="{run}",
-            description="Messages settled, by outcome (success, failure, retry, skipped...)",
-        )
+        #: Whether the SDK records the metrics; /metrics renders the essentials without it.
+        self.sdk_metrics = _meter_provider_installed()
+        self.runs: _Adds
+        if self.sdk_metrics:
+            self.runs = self._meter.create_counter(
+                exposition.RUNS_NAME, unit="{run}", description=exposition.RUNS_DESCRIPTION
+            )
+            self._backlog_gauges()
+        else:
+            self.runs = exposition.RUNS.tally()
         self.inflight = _INFLIGHT.count()
         self._meter.create_observable_up_down_counter(
             "conveyor.driver.inflight",
@@ -140,6 +152,21 @@ class Telemetry:
             unit="{thread}",
             description="Sync handlers left running past their deadline",
         )
+
+    def _backlog_gauges(self) -> None:
+        """The consumers' backlogs, on the SDK: OTLP carries them, /metrics renders them."""
+        for name, description, which in exposition.BACKLOG_GAUGES:
+            # Process-wide like _INFLIGHT: the first driver's callbacks read every driver's.
+            def observe(_options: CallbackOptions, which: int = which) -> Iterable[Observation]:
+                return [
+                    Observation(values[which], labels)
+                    for labels, values in exposition.BACKLOGS.readings()
+                ]
+
+            self._meter.create_observable_gauge(
+                name, callbacks=[observe], unit="{message}", description=description
+            )
+        exposition.BACKLOGS.via_otel = True
 
     def count_run(self, outcome: str) -> None:
         self.runs.add(1, {"outcome": outcome})

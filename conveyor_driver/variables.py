@@ -19,6 +19,7 @@ from .logs.loki import LINE_FORMATS
 
 DEFAULT_NATS_URL = "nats://localhost:4222"
 DEFAULT_API_URL = "http://localhost:8080"
+DEFAULT_PROMETHEUS_URL = "http://prometheus-server.monitoring.svc:9090"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "console", "json")
 NATS_SCHEMES = ("nats", "tls", "ws", "wss")
@@ -225,6 +226,31 @@ VARIABLES: tuple[Variable, ...] = (
         "1.0",
         metavar="SECONDS",
     ),
+    Variable(
+        "CONVEYOR_LAG_INTERVAL",
+        "lag_interval",
+        "--lag-interval",
+        decimal,
+        "Seconds between two readings of the consumer's backlog for /metrics.",
+        "5",
+        metavar="SECONDS",
+    ),
+    Variable(
+        "CONVEYOR_MAX_RUNS",
+        "max_runs",
+        "--max-runs",
+        whole,
+        "Stop gracefully after this many runs; pulls no more than that (1: a one-shot job).",
+        metavar="N",
+    ),
+    Variable(
+        "CONVEYOR_EXIT_WHEN_IDLE",
+        "exit_when_idle",
+        "--exit-when-idle",
+        decimal,
+        "Stop gracefully after this many seconds with nothing running and nothing delivered.",
+        metavar="SECONDS",
+    ),
     Variable("CONVEYOR_LOKI_URL", "loki_url", "--loki-url", text, "Grafana Loki base URL."),
     Variable("CONVEYOR_LOKI_TENANT", "loki_tenant", "--loki-tenant", text, "X-Scope-OrgID."),
     Variable("CONVEYOR_LOKI_USER", "loki_username", "--loki-user", text, "Basic auth user."),
@@ -352,6 +378,31 @@ COMMAND_VARIABLES: dict[str, tuple[Variable, ...]] = {
             "--driver",
             text,
             "Only this driver's lines (default: every driver of the run).",
+        ),
+    ),
+    "manifest": (
+        Variable(
+            "CONVEYOR_MANIFEST_IMAGE",
+            "image",
+            "--image",
+            text,
+            "The image built from deploy/Dockerfile (default: <driver name>:latest).",
+        ),
+        Variable(
+            "CONVEYOR_MANIFEST_SCALED_JOB",
+            "scaled_job",
+            "--scaled-job",
+            boolean,
+            "A KEDA ScaledJob (one run per pod) instead of a Deployment and ScaledObject.",
+            kind="flag",
+        ),
+        Variable(
+            "CONVEYOR_MANIFEST_PROMETHEUS_URL",
+            "prometheus_url",
+            "--prometheus-url",
+            text,
+            "The Prometheus KEDA asks for the backlog.",
+            DEFAULT_PROMETHEUS_URL,
         ),
     ),
 }

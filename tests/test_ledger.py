@@ -10,6 +10,7 @@ from typing import Any
 
 import orjson
 import pytest
+from _fault_proxy import drop_first_acks, fault_proxy
 from _helpers import consumer_info, resource_json, send, settled, wait_until
 from apps.harness import app, clean_env, driver_process
 from nats.aio.client import Client
@@ -20,7 +21,6 @@ from conveyor_driver.emit import emit_event
 from conveyor_driver.logs.chain import build_logger
 from conveyor_driver.models import Resource
 from conveyor_driver.runtime.ledger import Fenced, RunLedger, RunRecord
-from conveyor_driver.runtime.settlement import Settlement
 from conveyor_driver.testing import running
 
 
@@ -82,7 +82,7 @@ async def test_the_first_to_decide_wins_and_the_late_one_is_fenced(nats_client: 
     assert fenced.value.record.instance == "b"
 
     record = await a.read(3, "run-1")
-    assert record.result == '{"event":"driver.result"}'
+    assert record.result == b'{"event":"driver.result"}'
     assert (record.fenced, record.finished) == (1, True)
     await b.mark_reported(decided, 3)
     await a.note_duplicate(3, "run-1")
@@ -141,22 +141,10 @@ async def _short_duplicate_window(nc: Client) -> None:
     await js.update_stream(config)
 
 
-async def test_a_lost_ack_does_not_run_a_finished_build_again(
-    nats_server: EmbeddedNats, nats_client: Client, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The ack of a finished run is lost (never sent): the redelivery, later than the
-    result stream's de-duplication window, is acked without running the handler."""
+async def _lost_acks(nats_server: EmbeddedNats, nats_client: Client, dropped: int) -> _Outcome:
+    """Run one build behind a proxy that drops the driver's first ``dropped`` acks on the
+    wire, with the result stream's de-duplication window at 1 s; wait until it is acked."""
     await _short_duplicate_window(nats_client)
-    real_settle = Settlement.settle
-    lost: list[int] = []
-
-    async def settle_losing_the_first_ack(self: Settlement, msg: Any, outcome: Any) -> None:
-        if not lost:
-            lost.append(1)
-            return
-        await real_settle(self, msg, outcome)
-
-    monkeypatch.setattr(Settlement, "settle", settle_losing_the_first_ack)
     driver = Driver("forgetful", ack_wait=2.0)
     calls: list[str] = []
 
@@ -165,19 +153,73 @@ async def test_a_lost_ack_does_not_run_a_finished_build_again(
         calls.append(ctx.run_id)
         return "built"
 
-    async with running(driver, nats_server.url):
+    async with (
+        fault_proxy(nats_server.url, drop_first_acks(dropped)) as proxy,
+        running(driver, proxy.url),
+    ):
         run_id = await send(nats_client, resource_json())
+        await wait_until(lambda: len(proxy.dropped) == dropped, what="the acks dropped")
+        bucket = await nats_client.jetstream().key_value(protocol.ledger_bucket("forgetful"))
+        ledger = RunLedger(bucket, build_logger())
+        if dropped > 1:  # JetStream redelivers after ack_wait: the ledger turns it away
+            await wait_until(
+                lambda: _skipped(ledger, dropped - 1), what="the redelivery acked unrun"
+            )
         await wait_until(lambda: settled(nats_client, "forgetful"), what="acked at last")
         info = await consumer_info(nats_client, "forgetful")
+    assert info.delivered is not None and info.ack_floor is not None
+    return _Outcome(
+        calls=calls,
+        run_id=run_id,
+        dropped=len(proxy.dropped),
+        deliveries=info.delivered.consumer_seq,
+        stored=await _stored_results(nats_client, run_id),
+        record=await ledger.read(info.ack_floor.stream_seq, run_id),
+        summary=await ledger.summary(),
+    )
 
-    assert calls == [run_id]
-    assert info.num_ack_pending == 0
-    assert await _stored_results(nats_client, run_id) == 1
-    record = await RunLedger(
-        await nats_client.jetstream().key_value(protocol.ledger_bucket("forgetful")),
-        build_logger(),
-    ).summary()
-    assert record["skipped_as_duplicate"] == 1  # the ack was lost, the message came back
+
+async def _skipped(ledger: RunLedger, count: int) -> bool:
+    return (await ledger.summary())["skipped_as_duplicate"] >= count
+
+
+@dataclasses.dataclass
+class _Outcome:
+    calls: list[str]
+    run_id: str
+    dropped: int
+    deliveries: int
+    stored: int
+    record: RunRecord
+    summary: dict[str, int]
+
+
+async def test_a_lost_ack_is_noticed_and_sent_again(
+    nats_server: EmbeddedNats, nats_client: Client
+) -> None:
+    """The ack of a finished run is dropped on the wire: it goes unconfirmed, so the run is
+    marked reported and acked again, well before JetStream would redeliver it."""
+    outcome = await _lost_acks(nats_server, nats_client, dropped=1)
+    assert outcome.dropped == 1
+    assert outcome.calls == [outcome.run_id]
+    assert outcome.stored == 1
+    assert outcome.record.state == "reported"
+    assert outcome.deliveries == 1
+    assert outcome.summary["skipped_as_duplicate"] == 0
+
+
+async def test_a_redelivery_after_lost_acks_does_not_run_a_finished_build_again(
+    nats_server: EmbeddedNats, nats_client: Client
+) -> None:
+    """The ack and its second sending are both dropped: JetStream redelivers after
+    ``ack_wait``, later than the result stream's de-duplication window. The ledger says
+    reported, so the redelivery is acked without running the handler or publishing."""
+    outcome = await _lost_acks(nats_server, nats_client, dropped=2)
+    assert outcome.dropped == 2
+    assert outcome.calls == [outcome.run_id]
+    assert outcome.stored == 1
+    assert outcome.deliveries == 2
+    assert outcome.summary["skipped_as_duplicate"] == 1
 
 
 @pytest.mark.process

@@ -100,6 +100,23 @@ def _fresh_venv(where: Path) -> Path:
     return where / "bin"
 
 
+#: Without the otel extra, /metrics still renders the run counts and the backlog.
+_METRICS_WITHOUT_SDK = """
+import importlib.util
+assert importlib.util.find_spec("opentelemetry.sdk") is None, "the SDK came without the extra"
+from conveyor_driver.exposition import BACKLOGS, render
+from conveyor_driver.telemetry import Telemetry
+Telemetry().count_run("success")
+backlog = BACKLOGS.track("messages", "probe")
+backlog.set(3, 1)
+status, _, body = render()
+text = body.decode()
+assert status == 200, text
+assert 'conveyor_driver_runs_total{outcome="success"} 1.0' in text, text
+assert 'conveyor_driver_backlog{consumer="probe",stream="messages"} 4.0' in text, text
+"""
+
+
 def _check_installed(bin_dir: Path, cwd: Path) -> None:
     """The console script answers ``--help``, and the package comes from the venv."""
     help_text = _run([bin_dir / "conveyor-driver", "--help"], cwd=cwd)
@@ -152,6 +169,7 @@ def test_the_wheel_installs_into_a_fresh_venv_and_its_testing_extra_runs_the_rea
     bin_dir = _fresh_venv(tmp_path / "venv")
     _run([bin_dir / "pip", "install", "--quiet", wheel], cwd=tmp_path)
     _check_installed(bin_dir, tmp_path)
+    _run([bin_dir / "python", "-c", _METRICS_WITHOUT_SDK], cwd=tmp_path)
 
     # `pip install conveyor-driver[testing]` must be all the README's tests need.
     _run([bin_dir / "pip", "install", "--quiet", f"{wheel}[testing]"], cwd=tmp_path)

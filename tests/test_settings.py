@@ -159,6 +159,23 @@ CASES = [
         lambda s: s.block_threshold,
         ("0", "-2", "long"),
     ),
+    Case("CONVEYOR_MAX_RUNS", "--max-runs", "1", 1, lambda s: s.max_runs, ("0", "-1", "x")),
+    Case(
+        "CONVEYOR_EXIT_WHEN_IDLE",
+        "--exit-when-idle",
+        "30",
+        30.0,
+        lambda s: s.exit_when_idle,
+        ("0", "-1", "soon"),
+    ),
+    Case(
+        "CONVEYOR_LAG_INTERVAL",
+        "--lag-interval",
+        "0.5",
+        0.5,
+        lambda s: s.lag_interval,
+        ("0", "-1", "often"),
+    ),
     Case(
         "CONVEYOR_LOKI_URL",
         "--loki-url",
@@ -416,12 +433,19 @@ OWN = [
     OwnCase("emit", "CONVEYOR_EMIT_WAIT", "--wait", "true", True, invalid="perhaps", flag=True),
     OwnCase("emit", "CONVEYOR_EMIT_TIMEOUT", "--timeout", "5", 5.0, invalid="0"),
     OwnCase("logs", "CONVEYOR_LOGS_DRIVER", "--driver", "builder", "builder"),
+    OwnCase("manifest", "CONVEYOR_MANIFEST_IMAGE", "--image", "reg/x:1", "reg/x:1"),
+    OwnCase(
+        "manifest", "CONVEYOR_MANIFEST_SCALED_JOB", "--scaled-job", "on", True, "perhaps", True
+    ),
+    OwnCase(
+        "manifest", "CONVEYOR_MANIFEST_PROMETHEUS_URL", "--prometheus-url", "http://p", "http://p"
+    ),
 ]
 
 
 @pytest.fixture
 def captured(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    """emit and logs record what they would send instead of connecting."""
+    """emit and logs record what they would send instead of connecting; manifest, its options."""
     seen: dict[str, Any] = {}
 
     async def emit(urls: tuple[str, ...], resource: Any, own: dict[str, Any], tls: object) -> None:
@@ -430,17 +454,24 @@ def captured(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     async def logs(settings: Settings, tls: object, run_id: str, driver: str | None) -> None:
         seen.update(driver=driver, api_url=settings.api_url)
 
+    def manifest(driver: Driver, options: Any) -> str:
+        seen.update(image=options.image, prometheus_url=options.prometheus_url)
+        seen["scaled_job"] = options.shape == "scaled-job"
+        return ""
+
     monkeypatch.setattr("conveyor_driver.cli._emit", emit)
     monkeypatch.setattr("conveyor_driver.cli._logs", logs)
+    monkeypatch.setattr("conveyor_driver.manifest.render", manifest)
     return seen
 
 
 def _command(case: OwnCase) -> list[str]:
-    return ["emit", "job", "app-1"] if case.command == "emit" else ["logs", "run-1"]
+    arguments = {"emit": ["job", "app-1"], "logs": ["run-1"], "manifest": [WORKER]}
+    return [case.command, *arguments[case.command]]
 
 
 def _key(case: OwnCase) -> str:
-    return case.option.removeprefix("--")
+    return case.option.removeprefix("--").replace("-", "_")
 
 
 @pytest.mark.parametrize("case", OWN, ids=lambda c: f"{c.command}-{_id(c)}")
@@ -462,7 +493,7 @@ def test_every_own_option_has_its_variable(case: OwnCase, captured: dict[str, An
 # --- --help names every variable -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["run", "emit", "status", "logs"])
+@pytest.mark.parametrize("name", ["run", "emit", "status", "logs", "manifest"])
 def test_help_names_the_variable_of_every_option(name: str) -> None:
     from conveyor_driver.settings import COMMAND_VARIABLES, VARIABLES
 

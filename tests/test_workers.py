@@ -202,6 +202,26 @@ async def test_a_stop_signal_to_the_parent_drains_both_workers(
 
 
 @pytest.mark.process
+async def test_max_runs_counts_per_worker_and_finished_workers_end_the_parent(
+    nats_server: EmbeddedNats, nats_client: Client
+) -> None:
+    args = ("--nats-url", nats_server.url, "--workers", "2", "--max-runs", "1")
+    async with driver_process(PATIENT, *args) as parent, watch_results(nats_client) as watch:
+        pids = await _started(parent)
+        run_ids = [
+            (await emit_event(nats_client, Resource(f"job-{i}", "job"))).run_id for i in range(2)
+        ]
+        # Nobody signals: each worker stops after its run, and then the parent.
+        assert await parent.wait(TIMEOUT) == 0, parent.output
+        await nats_client.flush()
+        results = [_results(watch, run_id) for run_id in run_ids]
+    assert sorted(data["pid"] for (data,) in results) == sorted(pids.values())
+    assert _workers(parent) == {index: [pid] for index, pid in pids.items()}  # no restart
+    for index in (0, 1):
+        await parent.wait_for_log("worker finished", worker=index)
+
+
+@pytest.mark.process
 async def test_workers_stop_by_themselves_when_the_parent_is_killed(
     nats_server: EmbeddedNats,
 ) -> None:

@@ -24,14 +24,24 @@ _silenced: contextvars.ContextVar[bool] = contextvars.ContextVar(
 )
 
 
-@contextlib.contextmanager
-def run_scope(log: FilteringBoundLogger) -> Iterator[None]:
+def run_scope(log: FilteringBoundLogger) -> contextlib.AbstractContextManager[None]:
     """Within this block, bridged records belong to the run ``log`` is bound to."""
-    token = _run_logger.set(log)
-    try:
-        yield
-    finally:
-        _run_logger.reset(token)
+    return _RunScope(log)
+
+
+class _RunScope:
+    """:func:`run_scope` as a plain class: entered once per run, it stays cheap."""
+
+    __slots__ = ("_log", "_token")
+
+    def __init__(self, log: FilteringBoundLogger) -> None:
+        self._log = log
+
+    def __enter__(self) -> None:
+        self._token = _run_logger.set(self._log)
+
+    def __exit__(self, *exc_info: object) -> None:
+        _run_logger.reset(self._token)
 
 
 def silence_bridge() -> None:

@@ -9,7 +9,8 @@ has free slots, so it never holds a message it cannot start: several processes o
 driver share the consumer's work, and no message waits in a local buffer while its
 ``ack_wait`` runs out. Pull requests carry an expiry and ask for idle heartbeats, so a lost
 request (a reconnect, a server restart) is noticed and replaced instead of leaving the
-driver silently idle.
+driver silently idle. With ``max_runs`` the runs left bound the pulls as well (see
+docs/protocol.md#one-shot-and-draining-modes).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from structlog.typing import FilteringBoundLogger
 from .. import protocol
 from .dispatcher import Services, process
 from .ledger import Fenced
+from .lifetime import RunBudget
 from .publisher import Publisher
 from .settlement import Admission, Settlement, quietly
 
@@ -72,7 +74,8 @@ class Consumer:
     """Consumes the driver's durable pull consumer until :meth:`stop`.
 
     Results go out through ``publisher``, the connection's shared one; without it the
-    consumer makes (and closes) one of its own.
+    consumer makes (and closes) one of its own. ``max_runs`` (with ``concurrency`` at most
+    that) ends the consumer's work: see :attr:`budget`.
     """
 
     def __init__(
@@ -85,11 +88,14 @@ class Consumer:
         log: FilteringBoundLogger,
         ledger: RunLedger | None = None,
         publisher: Publisher | None = None,
+        max_runs: int | None = None,
     ) -> None:
         self._nc = nc
         self._own_publisher = publisher is None
         self._publisher = publisher or Publisher(nc)
-        self._settlement = Settlement(self._publisher, driver.name, log, ledger)
+        self._settlement = Settlement(
+            self._publisher, driver.name, log, ledger, ack_wait=driver.ack_wait
+        )
         self._driver = driver
         self._services = services
         self._log = log
@@ -113,6 +119,11 @@ class Consumer:
         self.last_activity = time.monotonic()
         self.last_loop = time.monotonic()
         self.handled = 0
+        #: Counts the deliveries the dispatcher decided: what ``max_runs`` limits.
+        self.budget = RunBudget(max_runs)
+        self._last_busy = time.monotonic()
+        #: Set when open pull requests are forgotten: the next one goes to a fresh inbox.
+        self._stale_inbox = False
 
     async def ensure(self) -> None:
         await ensure_consumer(self._nc, self._driver)
@@ -121,6 +132,7 @@ class Consumer:
         await self._publisher.start()
         self._inbox = self._nc.new_inbox()
         self._sub = await self._nc.subscribe(self._inbox, cb=self._on_message)
+        self._last_busy = time.monotonic()
         self._tasks = [
             asyncio.create_task(self._pull_forever(), name="pull"),
             asyncio.create_task(self._keep_alive(), name="in-progress"),
@@ -144,9 +156,25 @@ class Consumer:
         return found
 
     def connection_restored(self) -> None:
-        """Pull requests do not survive a reconnect: forget them and ask again."""
-        self._requested = 0
+        """A reconnect loses pull requests, or the server keeps them: ask again, anew."""
+        self._forget_requests()
         self._wake.set()
+
+    def idle_for(self) -> float:
+        """Seconds since a message was last delivered or a run last ended; 0 while busy."""
+        if self._running or self._bounced:
+            return 0.0
+        return time.monotonic() - self._last_busy
+
+    def _forget_requests(self) -> None:
+        """Count no pull request open, and ask again on a fresh inbox.
+
+        One the server still holds (it outlives a reconnect, and a silence may be the
+        network's) must not deliver on top of the new ones: JetStream drops a waiting pull
+        whose reply subject nobody listens to, so its messages go to other instances.
+        """
+        self._requested = 0
+        self._stale_inbox = True
 
     async def stop(self, grace_period: float) -> None:
         """Stop pulling; let running handlers finish within ``grace_period``; hand back the rest.
@@ -200,7 +228,7 @@ class Consumer:
                 self._log.warning(
                     "pull request went silent; asking again", requested=self._requested
                 )
-                self._requested = 0
+                self._forget_requests()
                 # A pull to a consumer that is gone gets no answer at all: look.
                 self._check_consumer()
             if not self._requested:
@@ -217,6 +245,7 @@ class Consumer:
         nothing at all is asked for. Returns False when the request could not be sent.
         """
         want = self.concurrency - len(self._running) - self._requested
+        want = min(want, self.budget.left(len(self._running) + self._requested))
         if self._stopping or want <= 0 or (want < self._threshold and self._requested):
             return True
         self._requested += want
@@ -226,12 +255,29 @@ class Consumer:
             "idle_heartbeat": _PULL_HEARTBEAT_NS,
         }
         try:
-            await self._nc.publish(self._pull_subject, orjson.dumps(request), reply=self._inbox)
+            if self._stale_inbox:
+                await self._new_inbox()
+            if not self._stopping:  # a stop may have begun while the inbox was replaced
+                await self._nc.publish(self._pull_subject, orjson.dumps(request), reply=self._inbox)
         except NatsError as exc:
             self._requested -= want
             self._log.debug("pull request not sent", error=str(exc))
             return False
         return True
+
+    async def _new_inbox(self) -> None:
+        """Current before the first await: a request sent meanwhile goes after its SUB."""
+        self._stale_inbox = False
+        old, self._inbox = self._sub, self._nc.new_inbox()
+        try:
+            self._sub = await self._nc.subscribe(self._inbox, cb=self._on_message)
+        except NatsError:
+            self._stale_inbox = True
+            raise
+        for closing in (old, self._sub if self._stopping else None):
+            if closing is not None:
+                with contextlib.suppress(NatsError):
+                    await closing.unsubscribe()
 
     async def _on_message(self, msg: Msg) -> None:
         self.last_activity = now = time.monotonic()
@@ -239,8 +285,10 @@ class Consumer:
         if headers and protocol.STATUS_HEADER in headers and not msg.data:
             await self._on_status(headers)
             return
+        self._last_busy = now
         self._requested = max(self._requested - 1, 0)
-        if self._stopping or len(self._running) >= self.concurrency:
+        over_budget = self.budget.left(len(self._running)) <= 0
+        if self._stopping or len(self._running) >= self.concurrency or over_budget:
             # Not expected (see stop and _pull), but if it happens it is not an attempt.
             bounce = asyncio.create_task(self._settlement.hand_back(msg))
             self._bounced.add(bounce)
@@ -303,6 +351,7 @@ class Consumer:
         settlement = self._settlement
         task = asyncio.current_task()
         assert task is not None
+        decided = False
         try:
             admission = await settlement.admit(msg)
             if admission.finished:
@@ -310,10 +359,12 @@ class Consumer:
                 return
             self._admissions[task] = admission
             processed = await process(self._driver, admission.delivery, self._services)
+            decided = True
             await settlement.record(admission, processed)
             # The lease may have been renewed meanwhile: decide on its latest revision.
-            if await settlement.publish_result(self._admissions[task], processed):
-                await settlement.settle(msg, processed.outcome)
+            published = await settlement.publish_result(self._admissions[task], processed)
+            if published is not None:
+                await settlement.settle(msg, processed.outcome, published)
         except asyncio.CancelledError:
             if task in self._fenced:
                 self._log.warning("run fenced: another instance took it over; stopped")
@@ -324,10 +375,13 @@ class Consumer:
             await quietly(msg.nak(delay=1.0))
         finally:
             self.handled += 1
+            self._last_busy = time.monotonic()
             self._running.pop(task, None)
             self._touched.pop(task, None)
             self._admissions.pop(task, None)
             self._fenced.discard(task)
+            if decided:
+                self.budget.count()
             if not await self._pull():
                 self._wake.set()
 

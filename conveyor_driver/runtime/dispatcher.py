@@ -111,6 +111,7 @@ async def process(driver: Driver, delivery: Delivery, services: Services) -> Pro
     decoded = _decode(delivery, services.log)
     if not telemetry.enabled():
         processed, _ = await _decide(driver, delivery, decoded, services)
+        telemetry.count_run(_RUN_OUTCOMES[processed.outcome.kind])  # /metrics shows them
         if delivery.headers:  # no SDK: pass the caller's trace context through unchanged
             parent = trace.get_current_span(extract(delivery.headers)).get_span_context()
             return attrs.evolve(processed, span_context=parent)

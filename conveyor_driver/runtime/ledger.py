@@ -11,8 +11,9 @@ redeliveries):
   attempt of a delivery is its delivery count less these;
 - ``errors``: what each failed attempt raised, so a final failure names every attempt;
 - ``state``: ``running`` (a long run keeps its lease fresh), ``decided`` (the result is
-  recorded, maybe not yet stored by the server) or ``reported`` (stored, and acked or
-  about to be), with the result itself once decided.
+  recorded, maybe not yet stored by the server; a run whose ack was confirmed stays so,
+  as JetStream will not deliver it again) or ``reported`` (stored, and its ack was lost
+  or it was replayed), with the result itself while decided.
 
 Every write is a compare-and-set on the record's revision, which makes the revision a
 fencing token: an instance that was paused past ``ack_wait`` while JetStream handed its
@@ -85,8 +86,9 @@ class RunRecord:
     handbacks: int = 0
     errors: dict[int, str] = attrs.field(factory=dict)
     state: str = ""
-    #: The result event as published, once decided (JSON text).
-    result: str = ""
+    #: The result event as published (JSON), kept while decided; a reported record drops
+    #: it, since its redelivery is acked without publishing anything.
+    result: bytes = b""
     #: Who changed the state last, and when (Unix time).
     instance: str = ""
     at: float = 0.0
@@ -107,6 +109,36 @@ class RunRecord:
         """One description per attempt before ``attempt``; a gap is a run cut off unrecorded."""
         return tuple(self.errors.get(n, _STOPPED_MID_RUN) for n in range(1, attempt))
 
+    def moved(self, state: str, result: bytes, instance: str) -> RunRecord:
+        """This record in ``state``, changed now (built directly: on every message's way)."""
+        return RunRecord(
+            self.run_id,
+            self.handbacks,
+            self.errors,
+            state,
+            result,
+            instance,
+            time.time(),
+            self.duplicates,
+            self.fenced,
+            self.revision,
+        )
+
+    def at_revision(self, revision: int) -> RunRecord:
+        """This record as stored at ``revision``."""
+        return RunRecord(
+            self.run_id,
+            self.handbacks,
+            self.errors,
+            self.state,
+            self.result,
+            self.instance,
+            self.at,
+            self.duplicates,
+            self.fenced,
+            revision,
+        )
+
     def encode(self) -> bytes:
         return orjson.dumps(
             {
@@ -116,7 +148,7 @@ class RunRecord:
                 "state": self.state,
                 # As JSON, not as an escaped string: a result that fits a NATS message
                 # then fits the record too, with room for the record's few other fields.
-                "result": orjson.Fragment(self.result.encode()) if self.result else None,
+                "result": orjson.Fragment(self.result) if self.result else None,
                 "instance": self.instance,
                 "at": self.at,
                 "duplicates": self.duplicates,
@@ -133,7 +165,7 @@ class RunRecord:
             handbacks=int(body.get("handbacks", 0)),
             errors=errors,
             state=str(body.get("state", "")),
-            result=orjson.dumps(body["result"]).decode() if body.get("result") else "",
+            result=orjson.dumps(body["result"]) if body.get("result") else b"",
             instance=str(body.get("instance", "")),
             at=float(body.get("at", 0.0)),
             duplicates=int(body.get("duplicates", 0)),
@@ -218,16 +250,9 @@ class RunLedger:
         """
         delay = 0.05
         while True:
-            decided = attrs.evolve(
-                record,
-                state=DECIDED,
-                result=result.decode(),
-                instance=self.instance,
-                at=time.time(),
-            )
+            decided = record.moved(DECIDED, result, self.instance)
             try:
-                revision = await self._write(sequence, decided, record.revision)
-                return attrs.evolve(decided, revision=revision)
+                return decided.at_revision(await self._write(sequence, decided, record.revision))
             except KeyWrongLastSequenceError:
                 record = await self.read(sequence, record.run_id)
                 if record.finished:
@@ -261,11 +286,12 @@ class RunLedger:
     async def mark_reported(self, record: RunRecord, sequence: int) -> None:
         """The server has the result: a later redelivery is acked without re-publishing.
 
-        Sent beside the ack and not waited for (no reply is asked): lost, or refused
-        because the record moved on, it leaves the run ``decided``, whose redelivery
-        re-publishes the result under the same ``Nats-Msg-Id``: safe, only slower.
+        For a replayed run, sent beside its ack and not waited for (no reply is asked):
+        lost, or refused because the record moved on, it leaves the run ``decided``, whose
+        redelivery re-publishes the result under the same ``Nats-Msg-Id``: safe, only
+        slower. A run whose ack goes unconfirmed uses :meth:`ensure_reported`.
         """
-        reported = attrs.evolve(record, state=REPORTED, at=time.time())
+        reported = record.moved(REPORTED, b"", record.instance)
         if self.publisher is None or not self._bucket:
             with contextlib.suppress(NatsError, TimeoutError):
                 await self._write(sequence, reported, record.revision)
@@ -274,6 +300,33 @@ class RunLedger:
         subject = protocol.ledger_subject(self._bucket, str(sequence))
         with contextlib.suppress(NatsError):
             await self.publisher.nc.publish(subject, reported.encode(), headers=headers)
+
+    async def ensure_reported(self, record: RunRecord, sequence: int) -> None:
+        """:meth:`mark_reported`, waited for and retried through weather for a while: the
+        run's ack went unconfirmed, so a redelivery may follow and must find the mark.
+
+        A record that moved on meanwhile (another instance replayed it) is left alone.
+        """
+        reported = record.moved(REPORTED, b"", record.instance)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _WRITE_PATIENCE
+        delay = 0.05
+        while True:
+            try:
+                await self._write(sequence, reported, record.revision)
+                return
+            except KeyWrongLastSequenceError:
+                return
+            except (NatsError, TimeoutError) as exc:
+                if loop.time() > deadline:
+                    self._log.warning(
+                        "run ledger not written: a redelivery will re-publish the result",
+                        sequence=sequence,
+                        error=str(exc) or "timeout",
+                    )
+                    return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
     async def note_duplicate(self, sequence: int, run_id: str) -> None:
         """A redelivery of a finished run was acked without running (counted for status)."""

@@ -13,7 +13,6 @@ does not answer while the loop is blocked is no health check at all.
 
 from __future__ import annotations
 
-import contextlib
 import http.server
 import os
 import threading
@@ -24,16 +23,23 @@ from typing import TYPE_CHECKING, Protocol
 import attrs
 import orjson
 
+from .. import exposition
 from ..errors import ConfigurationError
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
 
-    from .consumer import Consumer
     from .watchdog import LoopWatchdog
 
 #: The pull loop wakes at least every few seconds; this much silence means it is wedged.
 STALL_AFTER = 30.0
+
+
+class Looping(Protocol):
+    """What health watches: the consumer's pull loop, or the ``lag`` mode's backlog watch."""
+
+    @property
+    def last_loop(self) -> float: ...
 
 
 @attrs.define
@@ -41,12 +47,14 @@ class DriverState:
     """What the probes read; the server fills it in as the driver starts and stops."""
 
     nc: Client | None = None
-    consumer: Consumer | None = None
+    consumer: Looping | None = None
     watchdog: LoopWatchdog | None = None
     stopping: bool = False
     stall_after: float = STALL_AFTER
     #: A loop blocked this long makes the driver unhealthy (half of ``ack_wait``).
     blocked_after: float = 15.0
+    #: What a healthy answer says the loop does (the ``lag`` mode watches, not consumes).
+    doing: str = "consuming"
 
     def health(self) -> tuple[bool, str]:
         watchdog = self.watchdog
@@ -59,7 +67,7 @@ class DriverState:
         silent = time.monotonic() - consumer.last_loop
         if silent > self.stall_after and not blocked:
             return False, f"consume loop has not iterated for {silent:.0f}s"
-        return True, "consuming"
+        return True, self.doing
 
     def readiness(self) -> tuple[bool, str]:
         if self.stopping:
@@ -108,12 +116,12 @@ async def start_probes(
 ) -> ProbeServer:
     """Serve the probes on ``host:port``; the caller cleans the server up.
 
-    ``metrics`` renders ``/metrics`` (default: this process's Prometheus registry).
+    ``metrics`` renders ``/metrics`` (default: this process's, :func:`exposition.render`).
     """
     routes: dict[str, Callable[[], Answer]] = {
         "/healthz": _answer(state.health),
         "/readyz": _answer(state.readiness),
-        "/metrics": metrics or _metrics,
+        "/metrics": metrics or exposition.render,
     }
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -149,14 +157,3 @@ def _answer(check: Callable[[], tuple[bool, str]]) -> Callable[[], Answer]:
         return 200 if ok else 503, "application/json", orjson.dumps({"status": reason})
 
     return answer
-
-
-def _metrics() -> Answer:
-    try:
-        from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
-    except ImportError:
-        text = b"metrics need the SDK: pip install 'conveyor-driver[otel]'\n"
-        return 501, "text/plain; charset=utf-8", text
-    with contextlib.suppress(Exception):
-        return 200, CONTENT_TYPE_LATEST, generate_latest(REGISTRY)
-    return 500, "text/plain; charset=utf-8", b"metrics could not be rendered\n"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +45,8 @@ if TYPE_CHECKING:
 
 #: How long a publish waits for its PubAck before it counts as weather.
 DEFAULT_TIMEOUT = 5.0
+#: How often the sweeper forgets answered publishes (see :meth:`Publisher._sweep`).
+_SWEEP_EVERY = 0.5
 #: ``NATS/1.0\r\n`` before the headers and ``\r\n`` after them, as the client writes them.
 _HEADER_FRAME = len(b"NATS/1.0\r\n") + len(b"\r\n")
 #: A PubAck as nats-server writes it; an error answer starts with ``{"error"``.
@@ -138,10 +141,13 @@ def headers_size(headers: dict[str, str] | None) -> int:
     """The bytes the client writes for ``headers``: NATS counts them in ``max_payload``."""
     if not headers:
         return 0
-    return _HEADER_FRAME + sum(
-        len(key.strip().encode()) + len(value.strip().encode()) + 4  # ": " and "\r\n"
-        for key, value in headers.items()
-    )
+    size = _HEADER_FRAME
+    for key, value in headers.items():
+        key, value = key.strip(), value.strip()
+        # ": " and "\r\n"; a character is a byte unless the text is not ASCII.
+        size += 4 + (len(key) if key.isascii() else len(key.encode()))
+        size += len(value) if value.isascii() else len(value.encode())
+    return size
 
 
 class Publisher:
@@ -154,11 +160,17 @@ class Publisher:
 
     def __init__(self, nc: Client, *, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.nc = nc
+        #: Applies to publishes made after it is changed.
         self.timeout = timeout
         self._prefix = ""
         self._sent = 0
         self._sub: Subscription | None = None
-        self._waiting: dict[str, asyncio.Future[Msg] | AckBatch] = {}
+        self._waiting: dict[str, asyncio.Future[Msg] | AckBatch | _Unconfirmed] = {}
+        #: (deadline, reply) in the order sent, one queue per wait (so each stays in
+        #: deadline order): one sweeper task times them all out, where a timer per
+        #: publish would cost more than the rest of the publish.
+        self._deadlines: dict[float, deque[tuple[float, str]]] = {}
+        self._sweeper: asyncio.Task[None] | None = None
 
     #: The one judgement of failures, on the object that sinks are handed (``logs`` sits
     #: below ``runtime`` and imports nothing from it).
@@ -193,6 +205,9 @@ class Publisher:
         """Stop listening; publishes still waiting time out."""
         sub, self._sub = self._sub, None
         self._prefix = ""
+        sweeper, self._sweeper = self._sweeper, None
+        if sweeper is not None:
+            sweeper.cancel()
         if sub is not None:
             with contextlib.suppress(NatsError):
                 await sub.unsubscribe()
@@ -228,14 +243,13 @@ class Publisher:
             await self.start()
         self.check_size(body, headers)
         reply = self._reply()
-        answer: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[Msg] = loop.create_future()
         self._waiting[reply] = answer
+        self._expect(loop, reply, self.timeout)
         try:
             await self.nc.publish(subject, body, reply=reply, headers=headers)
-            async with asyncio.timeout(self.timeout):
-                msg = await answer
-        except TimeoutError:
-            raise NatsTimeoutError from None
+            msg = await answer
         finally:
             self._waiting.pop(reply, None)
         error = answer_error(msg)
@@ -280,14 +294,89 @@ class Publisher:
         self._sent += 1
         return f"{self._prefix}{self._sent}"
 
+    async def confirm(
+        self, subject: str, body: bytes, within: float, on_missing: Callable[[], object]
+    ) -> None:
+        """Send ``body`` asking for an answer, and call ``on_missing`` if none comes ``within``
+        seconds; nothing is awaited beyond the send.
+
+        For a message whose arrival matters but must not hold its sender up: a JetStream
+        ack sent this way is answered once the consumer has applied it (replicated, on a
+        cluster), so a lost ack is noticed instead of showing up as a redelivery.
+        """
+        if not self._prefix:
+            await self.start()
+        reply = self._reply()
+        self._waiting[reply] = _Unconfirmed(on_missing)
+        self._expect(asyncio.get_running_loop(), reply, within)
+        try:
+            await self.nc.publish(subject, body, reply=reply)
+        except BaseException:
+            self._waiting.pop(reply, None)
+            raise
+
+    def _expect(self, loop: asyncio.AbstractEventLoop, reply: str, within: float) -> None:
+        """Have the sweeper time out ``reply`` after ``within`` seconds."""
+        queue = self._deadlines.get(within)
+        if queue is None:
+            queue = self._deadlines[within] = deque()
+        queue.append((loop.time() + within, reply))
+        if self._sweeper is None or self._sweeper.get_loop() is not loop:
+            self._sweeper = loop.create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        """Fail the publishes whose answer is overdue; ends when none is waiting.
+
+        Wakes at least every :data:`_SWEEP_EVERY` seconds to forget the answered ones, so
+        the queue holds about that long's publishes, not ``timeout``'s.
+        """
+        loop = asyncio.get_running_loop()
+        queues, waiting = self._deadlines, self._waiting
+        try:
+            while any(queues.values()):
+                now = loop.time()
+                wake = now + _SWEEP_EVERY
+                for queue in queues.values():
+                    while queue:
+                        deadline, reply = queue[0]
+                        waiter = waiting.get(reply)
+                        if isinstance(waiter, AckBatch) or (
+                            isinstance(waiter, asyncio.Future) and waiter.done()
+                        ):
+                            waiter = None
+                        if waiter is not None and deadline > now:
+                            wake = min(wake, deadline)
+                            break
+                        queue.popleft()
+                        if waiter is None:
+                            continue
+                        del waiting[reply]
+                        if isinstance(waiter, _Unconfirmed):
+                            waiter.on_missing()
+                        else:
+                            waiter.set_exception(NatsTimeoutError())
+                await asyncio.sleep(wake - now)
+        finally:
+            if self._sweeper is asyncio.current_task():
+                self._sweeper = None
+
     async def _on_answer(self, msg: Msg) -> None:
         waiter = self._waiting.pop(msg.subject, None)
         if waiter is None:
             return
         if isinstance(waiter, AckBatch):
             waiter._answered(msg)
+        elif isinstance(waiter, _Unconfirmed):
+            return
         elif not waiter.done():
             waiter.set_result(msg)
+
+
+@attrs.frozen
+class _Unconfirmed:
+    """A :meth:`Publisher.confirm` still waiting for its answer."""
+
+    on_missing: Callable[[], object]
 
 
 class AckBatch:

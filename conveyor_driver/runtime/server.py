@@ -32,11 +32,13 @@ from ..logs.stdlib import bridged
 from ..settings import Settings
 from ..telemetry import Telemetry
 from ..tls import load_tls
+from .backlog import BacklogWatch
 from .connection import connect
 from .consumer import Consumer, ensure_consumer, ensuring_what
 from .dispatcher import HandlerThreads, Services
 from .hooks import call_hook
 from .ledger import RunLedger
+from .lifetime import concurrency_within, until_stopped
 from .probes import DriverState, start_probes
 from .publisher import Publisher
 from .startup import until_ready
@@ -52,7 +54,8 @@ if TYPE_CHECKING:
 
 
 async def serve(driver: Driver, settings: Settings | None = None) -> None:
-    """Run ``driver`` until SIGINT/SIGTERM or until this coroutine is cancelled."""
+    """Run ``driver`` until SIGINT/SIGTERM, ``max_runs`` or ``exit_when_idle`` (see
+    :mod:`.lifetime`), or until this coroutine is cancelled."""
     settings = settings or Settings.from_env()
     driver.check()
     if settings.workers > 1:
@@ -63,7 +66,7 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
     # Certificates are checked before anything starts: a wrong file is a one-line error.
     tls = load_tls(settings.tls_cert, settings.tls_key, settings.tls_ca)
     nats_tls = tls.ssl_context() if tls is not None else None
-    concurrency = settings.concurrency or driver.concurrency
+    concurrency = concurrency_within(settings.concurrency or driver.concurrency, settings.max_runs)
     telemetry = Telemetry()
     # The sinks report their own trouble here, outside the chain they feed.
     console = build_logger(level=settings.log_level, fmt=settings.log_format)
@@ -149,6 +152,7 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
             log=log,
             ledger=ledger,
             publisher=publisher,
+            max_runs=settings.max_runs,
         )
         # The sink is closed once: here if start-up fails, else after the shutdown hooks
         # (their lines are shipped) and before "driver stopped" (which counts them).
@@ -172,6 +176,10 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
             watchdog.start()
             stack.callback(watchdog.stop)
             state.watchdog = watchdog
+            if settings.http_port is not None or telemetry.sdk_metrics:
+                backlog = BacklogWatch(nc, driver.name, settings.lag_interval, log)
+                backlog.start()
+                stack.push_async_callback(backlog.stop)
         except BaseException:
             await sink.close()
             raise
@@ -180,11 +188,12 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
             subjects=driver.subjects,
             concurrency=concurrency,
             nats=", ".join(urls),
+            **_lifetime(settings),
         )
         try:
             _raise_if_cancelled()
-            await stop.wait()
-            log.info("shutting down")
+            reason = await until_stopped(stop, consumer, settings.exit_when_idle)
+            log.info("shutting down", reason=reason)
         finally:
             try:
                 state.stopping = True
@@ -199,7 +208,15 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
                         )
             finally:
                 await sink.close()
-            log.info("driver stopped", handled=consumer.handled, log_lines_sent=sink.sent)
+            budget = consumer.budget
+            runs = {"runs": budget.used} if budget.limit is not None else {}
+            log.info("driver stopped", handled=consumer.handled, **runs, log_lines_sent=sink.sent)
+
+
+def _lifetime(settings: Settings) -> dict[str, float]:
+    """The one-shot and draining settings in force, for the start-up line."""
+    given = {"max_runs": settings.max_runs, "exit_when_idle": settings.exit_when_idle}
+    return {key: value for key, value in given.items() if value is not None}
 
 
 async def _open_ledger(

@@ -14,8 +14,9 @@ The ledger's protocol, crash point by crash point, is in docs/protocol.md#the-ru
 
 from __future__ import annotations
 
+import asyncio
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import orjson
@@ -32,7 +33,7 @@ from .ledger import DECIDED, RECORD_OVERHEAD, Fenced, RunRecord
 from .publisher import describe, headers_size
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable
+    from collections.abc import Awaitable, Coroutine
 
     from nats.aio.msg import Msg
     from structlog.typing import FilteringBoundLogger
@@ -70,11 +71,17 @@ class Settlement:
         driver: str,
         log: FilteringBoundLogger,
         ledger: RunLedger | None = None,
+        ack_wait: float = 30.0,
     ) -> None:
         self._publisher = publisher
         self._driver = driver
         self._log = log
         self._ledger = ledger
+        #: How long a recorded run's ack may go unconfirmed before the run is marked
+        #: reported and acked again: early enough that the mark lands before JetStream
+        #: would redeliver.
+        self._confirm_within = ack_wait / 4
+        self._background: set[asyncio.Task[None]] = set()
 
     async def admit(self, msg: Msg) -> Admission:
         """The delivery as the dispatcher takes it, with what the ledger knows of it.
@@ -109,7 +116,7 @@ class Settlement:
             headers = {
                 protocol.MSG_ID_HEADER: protocol.result_message_id(self._driver, admission.sequence)
             }
-            await self._store(record.result.encode(), headers, record.run_id)
+            await self._store(record.result, headers, record.run_id)
             await self._ledger.mark_reported(record, admission.sequence)
         self._log.info(
             f"run already finished at {when} by instance {record.instance or '?'}; acked",
@@ -136,8 +143,9 @@ class Settlement:
                 processed.error,
             )
 
-    async def publish_result(self, admission: Admission, processed: Processed) -> bool:
-        """Record the result in the ledger, then store it; False when fenced off.
+    async def publish_result(self, admission: Admission, processed: Processed) -> Admission | None:
+        """Record the result in the ledger, then store it; None when fenced off, else the
+        admission as decided (for :meth:`settle`).
 
         The ledger's compare-and-set is the fence: an instance that was paused past
         ``ack_wait`` while another took its delivery learns here that the other decided
@@ -155,7 +163,7 @@ class Settlement:
         """
         message, result = processed.message, processed.outcome.result
         if result is None or message is None:
-            return True
+            return admission
         headers = {
             protocol.MSG_ID_HEADER: protocol.result_message_id(self._driver, stream_sequence)
         }
@@ -183,8 +191,8 @@ class Settlement:
                     run_id=message.run_id,
                     reason=str(fenced),
                 )
-                return False
-            admission = attrs.evolve(admission, record=decided)
+                return None
+            admission = Admission(admission.delivery, stream_sequence, decided)
         refused = await self._store(body, headers, message.run_id)
         if refused is not None:
             too_large = isinstance(refused, MaxPayloadError) or (
@@ -198,19 +206,47 @@ class Settlement:
                 size=len(body),
                 error=describe(refused),
             )
-        if self._ledger is not None and admission.record is not None:
-            # Beside the ack, in the same socket write, and not waited for.
-            await self._ledger.mark_reported(admission.record, stream_sequence)
-        return True
+        return admission
 
-    async def settle(self, msg: Msg, outcome: Outcome) -> None:
-        """Ack, nak (with the outcome's delay) or term: the outcome's last word."""
+    async def settle(self, msg: Msg, outcome: Outcome, admission: Admission | None = None) -> None:
+        """Ack, nak (with the outcome's delay) or term: the outcome's last word.
+
+        The ack of a run whose result the ledger holds asks to be confirmed. Most are, and
+        cost nothing more; one that is not (lost with a consumer leader, a dropped frame)
+        is marked ``reported`` in the ledger and sent again, so that a redelivery, however
+        late, acks without publishing anything.
+        """
         if outcome.action is Action.ACK:
-            await msg.ack()
+            record = admission.record if admission is not None else None
+            if self._ledger is not None and record is not None and record.state == DECIDED:
+                assert admission is not None
+
+                def unconfirmed() -> None:
+                    self._in_background(self._report_unconfirmed(msg, record, admission.sequence))
+
+                await self._publisher.confirm(
+                    msg.reply, protocol.ACK, self._confirm_within, unconfirmed
+                )
+            else:
+                await msg.ack()
         elif outcome.action is Action.TERM:
             await msg.term()
         else:
             await msg.nak(delay=outcome.delay)
+
+    async def _report_unconfirmed(self, msg: Msg, record: RunRecord, sequence: int) -> None:
+        assert self._ledger is not None
+        self._log.warning(
+            "ack not confirmed; marking the run reported and acking again", run_id=record.run_id
+        )
+        await self._ledger.ensure_reported(record, sequence)
+        await quietly(self._publisher.nc.publish(msg.reply, protocol.ACK))
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` beside the runs, holding on to it until it is done."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def hand_back(self, msg: Msg) -> None:
         """Give a run back unfinished (shutdown): recorded first, so it is not an attempt."""

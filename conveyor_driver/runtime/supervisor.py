@@ -17,7 +17,9 @@ the driver's durable consumer, which hands each message to one of them.
   kills them. A worker whose parent is gone (killed with SIGKILL, so it forwarded nothing)
   stops by itself (:func:`watch_supervisor`).
 - **Restarts.** A worker that dies is started again, after a capped exponential backoff
-  while it keeps dying young. One that keeps dying before it could have finished starting
+  while it keeps dying young. One that exits 0 unasked has finished (``--max-runs``,
+  ``--exit-when-idle``, each counted per worker) and is not; once all have, so has the
+  parent. One that keeps dying before it could have finished starting
   (a configuration the workers refuse, a start-up hook that raises) ends the parent with
   one line and exit status 1, instead of a restart loop; the Kubernetes way of retrying
   (a restarted pod) then takes over.
@@ -94,6 +96,7 @@ class _Supervisor:
         ).bind(driver=name, supervisor=os.getpid())
         self.procs: list[asyncio.subprocess.Process | None] = [None] * settings.workers
         self.failure: str | None = None
+        self.finished = 0
         self.fleet: FleetProbes | None = None
         self.start_window = settings.startup_timeout + START_MARGIN
 
@@ -184,6 +187,13 @@ class _Supervisor:
                 self.log.info(
                     "worker stopped", worker=index, pid=proc.pid, exit=describe_exit(code)
                 )
+                return code
+            if code == 0:
+                # Ended by itself, unasked: its job is done (--max-runs, --exit-when-idle).
+                self.log.info("worker finished", worker=index, pid=proc.pid)
+                self.finished += 1
+                if self.finished == len(self.procs):
+                    self.stop.set()
                 return code
             lived = loop.time() - started
             deaths = deaths + 1 if lived < self.start_window else 0

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from conveyor_driver import Context, Driver
-from conveyor_driver.runtime.settlement import Settlement
+from conveyor_driver.runtime.settlement import Admission, Settlement
 
 driver = Driver("ledgered", ack_wait=2.0, grace_period=1.0)
 
@@ -37,7 +37,7 @@ def _note_call(calls: Path, line: str) -> None:
 if os.environ.get("CONVEYOR_TEST_DIE_AFTER_PUBLISH"):
     _publish = Settlement.publish_result
 
-    async def _publish_then_die(self: Settlement, *args: Any, **kwargs: Any) -> bool:
+    async def _publish_then_die(self: Settlement, *args: Any, **kwargs: Any) -> Admission | None:
         published = await _publish(self, *args, **kwargs)
         os.kill(os.getpid(), signal.SIGKILL)
         return published
