@@ -11,13 +11,22 @@ import asyncio
 import collections
 import os
 import signal
+import sys
 from typing import Any
 
 import aiohttp
 import nats
 import pytest
 from _helpers import invoke, one_error_line, wait_until
-from apps.harness import DriverProcess, app, driver_process, run_cli, wait_settled
+from apps.harness import (
+    DriverProcess,
+    app,
+    clean_env,
+    driver_process,
+    parse_json_line,
+    run_cli,
+    wait_settled,
+)
 from nats.aio.client import Client
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -372,3 +381,33 @@ async def test_the_parent_answers_for_every_worker_and_names_the_one_at_fault() 
     finally:
         await good.cleanup()
         await stalled.cleanup()
+
+
+_CHATTY = (
+    "from conveyor_driver.logs.chain import build_logger\n"
+    "log = build_logger(fmt='json')\n"
+    "for i in range(3000):\n"
+    "    log.info('line', i=i, pad='x' * 200)\n"
+)
+
+
+@pytest.mark.process
+async def test_lines_of_workers_sharing_a_stream_do_not_run_into_each_other() -> None:
+    """Unbuffered, as in deploy/Dockerfile: each line must be one write, not text + newline."""
+    read, write = os.pipe()
+    env = {**clean_env(), "PYTHONUNBUFFERED": "1"}
+    try:
+        writers = [
+            await asyncio.create_subprocess_exec(
+                sys.executable, "-c", _CHATTY, stderr=write, env=env
+            )
+            for _ in range(2)
+        ]
+    finally:
+        os.close(write)
+    with os.fdopen(read, "rb") as stream:
+        lines = (await asyncio.to_thread(stream.read)).decode().splitlines()
+    for writer in writers:
+        assert await writer.wait() == 0
+    assert len(lines) == 6000
+    assert all(parse_json_line(line) is not None for line in lines)
