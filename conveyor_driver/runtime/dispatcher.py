@@ -114,7 +114,7 @@ async def process(driver: Driver, delivery: Delivery, services: Services) -> Pro
         telemetry.count_run(_RUN_OUTCOMES[processed.outcome.kind])  # /metrics shows them
         if delivery.headers:  # no SDK: pass the caller's trace context through unchanged
             parent = trace.get_current_span(extract(delivery.headers)).get_span_context()
-            return attrs.evolve(processed, span_context=parent)
+            return _in_span(processed, parent)
         return processed
     message = decoded if isinstance(decoded, DriverMessage) else None
     resource_type = (
@@ -163,7 +163,12 @@ async def process(driver: Driver, delivery: Delivery, services: Services) -> Pro
     labels = {"conveyor.resource.type": resource_type, "conveyor.outcome": outcome.kind.value}
     telemetry.process_duration.record(time.perf_counter() - started, labels)
     telemetry.count_run(_RUN_OUTCOMES[outcome.kind])
-    return attrs.evolve(processed, span_context=span.get_span_context())
+    return _in_span(processed, span.get_span_context())
+
+
+def _in_span(processed: Processed, span_context: SpanContext) -> Processed:
+    """``processed`` with the span its result and logs belong to (built directly: per run)."""
+    return Processed(processed.outcome, processed.message, span_context, processed.error)
 
 
 def _decode(delivery: Delivery, log: FilteringBoundLogger) -> DriverMessage | Processed:
