@@ -45,7 +45,8 @@ class Upstream(Generic[DataT]):
 
 
 class UpstreamError(ConveyorDriverError, Fail):
-    """An earlier step's result that cannot be used: malformed, or not of the class asked.
+    """An earlier step's result that cannot be used: malformed, failed, or not of the
+    class asked for.
 
     Uncaught, it fails the run at once (it is a :class:`~conveyor_driver.Fail`).
     """
@@ -76,6 +77,10 @@ async def read_upstream(
 ) -> Upstream[Any]:
     """The last result ``driver`` reported for ``resource``, its data structured as ``data``.
 
+    ``data`` describes what the step reports when it succeeds; a failed result asked for
+    with it raises :class:`UpstreamError` with the step's message (without ``data``, a
+    failed result is returned, for a handler to look at).
+
     The API server is asked only when the payload lacks the result. Its copy holds the
     latest result of that driver for the resource, which may belong to an earlier run: the
     server keeps one per driver, with no run id.
@@ -91,6 +96,8 @@ async def read_upstream(
         raise UpstreamError(
             f"the result of {driver!r} stored on {where} is unusable: {exc}"
         ) from exc
+    if data is not None and not result.success:
+        raise UpstreamError(f"{driver!r} failed for {where}: {result.message or 'no message'}")
     value = result.data if data is None else _structure(result.data, data, driver, where)
     return Upstream(
         driver=result.driver, success=result.success, message=result.message, data=value

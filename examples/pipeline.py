@@ -70,9 +70,8 @@ async def git_clone(ctx: Context) -> Result:
 
 @build.on("project", events=["process"])
 async def run_build(ctx: Context) -> Result:
+    # A failed, missing or malformed clone result fails this step at once, naming why.
     cloned = await ctx.upstream("git-clone", data=CloneOutput)
-    if not cloned.success:
-        raise Fail(f"git-clone failed: {cloned.message}")
     checkout = Path(cloned.data.path)
     if not await asyncio.to_thread(checkout.is_dir):
         raise Fail(f"checkout {checkout} is not on this machine: run build beside git-clone")

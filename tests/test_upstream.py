@@ -157,6 +157,14 @@ async def test_data_that_does_not_fit_the_class_names_each_bad_field() -> None:
     assert not isinstance(caught.value, NotFound)
 
 
+async def test_a_failed_upstream_is_returned_as_is_but_refused_with_a_data_class() -> None:
+    ctx = FakeContext(PROJECT, upstream={"git-clone": Result.fail("no such branch")})
+    assert (await ctx.upstream("git-clone")) == Upstream("git-clone", False, "no such branch", None)
+    with pytest.raises(UpstreamError) as caught:
+        await ctx.upstream("git-clone", data=CloneOutput)
+    assert str(caught.value) == "'git-clone' failed for project/app: no such branch"
+
+
 async def test_a_malformed_stored_result_is_an_upstream_error_naming_the_driver() -> None:
     ctx = FakeContext(with_metadata({"driverresults.git-clone": "{oops"}))
     with pytest.raises(UpstreamError, match="the result of 'git-clone' stored on project/app is"):
