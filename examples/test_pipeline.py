@@ -20,6 +20,9 @@ from conveyor_driver.embedded import EmbeddedNats
 from conveyor_driver.emit import emit_event, emit_next_step, watch_results
 from conveyor_driver.testing import FakeContext, dispatch, running
 
+# The nats-server fixtures, as a driver's own project enables them (usually in conftest.py).
+pytest_plugins = ["conveyor_driver.testing.fixtures"]
+
 
 def git(*args: str, cwd: Path) -> str:
     done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True)
