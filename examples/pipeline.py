@@ -4,11 +4,13 @@ Each step is a driver of its own, and the second reads what the first reported w
 ``ctx.upstream``. The Conveyor server hands the result on: it stores it on the resource
 (``metadata["driverresults.git-clone"]``) and forwards the resource to the next step.
 
-    conveyor-driver run examples/pipeline.py:clone --embedded --embedded-port 4222
-    conveyor-driver run examples/pipeline.py:build
+Run each step against a Conveyor server (its NATS and API; the defaults are local)::
 
-Against a Conveyor server, define the pipeline (``POST /pipelines``) and create a resource
-of type ``project`` in it::
+    conveyor-driver run examples/pipeline.py:clone --nats-url nats://conveyor:4222
+    conveyor-driver run examples/pipeline.py:build --nats-url nats://conveyor:4222
+
+then define the pipeline (``POST /pipelines``) and create a resource of type ``project``
+in it (``POST /resources/``)::
 
     {"name": "ci", "resource": "project",
      "steps": [{"id": "1", "name": "clone", "driver": "git-clone"},
@@ -16,6 +18,9 @@ of type ``project`` in it::
 
     {"name": "my-app", "resource": "project", "pipeline": "ci",
      "spec": {"repo": "https://github.com/open-ug/conveyor", "ref": "main", "build": "make"}}
+
+Without a Conveyor server (``--embedded``) nothing hands the first step's result on:
+``test_pipeline.py`` plays the engine's part with ``conveyor_driver.emit.emit_next_step``.
 
 The checkout is a directory on the machine ``git-clone`` runs on (under ``$CHECKOUT_ROOT``,
 or the system's temporary directory), so both drivers must share it. ``build``, the last

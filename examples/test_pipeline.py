@@ -93,11 +93,9 @@ async def test_build_without_a_clone_result_is_a_not_found() -> None:
 async def test_build_after_a_failed_clone_fails_at_once_naming_why() -> None:
     report = await dispatch(
         build,
-        FakeContext(
-            {"name": "app", "resource": "project", "spec": {"repo": "r"}},
-            upstream={"git-clone": Result.fail("repository not found")},
-        ).resource,
+        {"name": "app", "resource": "project", "spec": {"repo": "r"}},
         event="process",
+        upstream={"git-clone": Result.fail("repository not found")},
     )
     assert report.kind == "failure" and report.action == "ack"
     assert report.result == Result.fail("'git-clone' failed for project/app: repository not found")

@@ -69,11 +69,9 @@ class FakeContext(Context):
         attempt: int = 1,
         api: ConveyorClient | None = None,
         driver: str = "test-driver",
-        upstream: Mapping[str, Result | Mapping[str, Any]] | None = None,
+        upstream: UpstreamResults | None = None,
     ) -> None:
-        res = as_resource(resource)
-        for name, result in (upstream or {}).items():
-            res = with_driver_result(res, _driver_result(name, result))
+        res = with_upstream(as_resource(resource), upstream)
         run = run_id or str(uuid.uuid4())
         recorder = LogRecorder()
         log = recorder.logger().bind(
@@ -95,6 +93,18 @@ class FakeContext(Context):
             api=api if api is not None else FakeConveyorClient(),
             logs=recorder.entries,
         )
+
+
+#: Earlier steps' results for a test: a ``Result``, or a dict with ``success``, ``message``
+#: and ``data``, by driver.
+UpstreamResults = Mapping[str, Result | Mapping[str, Any]]
+
+
+def with_upstream(resource: Resource, upstream: UpstreamResults | None) -> Resource:
+    """``resource`` with earlier steps' results stored on it, as the pipeline engine does."""
+    for name, result in (upstream or {}).items():
+        resource = with_driver_result(resource, _driver_result(name, result))
+    return resource
 
 
 def _driver_result(driver: str, result: Result | Mapping[str, Any]) -> DriverResult:
