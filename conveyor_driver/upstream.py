@@ -17,7 +17,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 import attrs
-from cattrs import ClassValidationError, transform_error
+from cattrs import transform_error
+from cattrs.errors import BaseValidationError
 
 from . import protocol
 from .errors import ConveyorDriverError
@@ -131,9 +132,9 @@ async def _from_api(resource: Resource, driver: str, key: str, api: ConveyorClie
 def _structure(value: Any, cls: type[DataT], driver: str, where: str) -> DataT:
     try:
         return converter.structure(value, cls)
-    except ClassValidationError as exc:
+    except BaseValidationError as exc:
         reason = "; ".join(transform_error(exc, path="data"))
     except (TypeError, ValueError, AttributeError) as exc:
         reason = str(exc) or type(exc).__name__
-    name = getattr(cls, "__name__", repr(cls))
+    name = cls.__name__ if isinstance(cls, type) else repr(cls)
     raise UpstreamError(f"the result of {driver!r} on {where} does not fit {name}: {reason}")

@@ -157,6 +157,26 @@ async def test_data_that_does_not_fit_the_class_names_each_bad_field() -> None:
     assert not isinstance(caught.value, NotFound)
 
 
+@pytest.mark.parametrize(
+    ("data", "cls", "reason"),
+    [
+        ("x", int, "does not fit int: invalid literal for int() with base 10: 'x'"),
+        (
+            [1, "y"],
+            list[int],
+            "does not fit list[int]: invalid value for type, expected int @ data[1]",
+        ),
+    ],
+)
+async def test_data_of_other_types_that_does_not_fit_is_an_upstream_error(
+    data: object, cls: type[object], reason: str
+) -> None:
+    ctx = FakeContext(PROJECT, upstream={"count": Result.ok(data=data)})
+    with pytest.raises(UpstreamError) as caught:
+        await ctx.upstream("count", data=cls)
+    assert str(caught.value) == f"the result of 'count' on project/app {reason}"
+
+
 async def test_a_failed_upstream_is_returned_as_is_but_refused_with_a_data_class() -> None:
     ctx = FakeContext(PROJECT, upstream={"git-clone": Result.fail("no such branch")})
     assert (await ctx.upstream("git-clone")) == Upstream("git-clone", False, "no such branch", None)
