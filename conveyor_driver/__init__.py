@@ -18,6 +18,7 @@ from .models import Resource
 from .outcomes import Fail, Result, Retry
 from .process import CommandResult
 from .settings import Settings
+from .upstream import NotFound, Upstream, UpstreamError
 
 __all__ = [
     "CommandResult",
@@ -26,10 +27,13 @@ __all__ = [
     "ConveyorDriverError",
     "Driver",
     "Fail",
+    "NotFound",
     "Resource",
     "Result",
     "Retry",
     "Route",
     "Settings",
+    "Upstream",
+    "UpstreamError",
     "__version__",
 ]

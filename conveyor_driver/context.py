@@ -5,16 +5,19 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import attrs
 from structlog.typing import FilteringBoundLogger
 
 from .models import Resource
 from .process import KILL_GRACE, CommandResult, run_command
+from .upstream import Upstream, read_upstream
 
 if TYPE_CHECKING:
     from .api import ConveyorClient
+
+DataT = TypeVar("DataT")
 
 
 @attrs.define(frozen=True)
@@ -75,3 +78,18 @@ class Context:
             check=check,
             kill_grace=self.kill_grace,
         )
+
+    @overload
+    async def upstream(self, driver: str, *, data: None = None) -> Upstream[Any]: ...
+
+    @overload
+    async def upstream(self, driver: str, *, data: type[DataT]) -> Upstream[DataT]: ...
+
+    async def upstream(self, driver: str, *, data: type[Any] | None = None) -> Upstream[Any]:
+        """The result an earlier step's ``driver`` reported for this resource.
+
+        Read from the payload, where the pipeline engine stores it, or else from the API
+        server; ``data=SomeClass`` structures its data. Raises ``NotFound`` when there is
+        none (see :mod:`conveyor_driver.upstream`).
+        """
+        return await read_upstream(self.resource, driver, self.api, data)

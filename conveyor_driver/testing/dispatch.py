@@ -14,7 +14,7 @@ from ..models import DriverMessage, Resource, encode_driver_message
 from ..outcomes import Action, Kind, Result
 from ..runtime.dispatcher import Delivery, Services, process
 from ..telemetry import Telemetry
-from .fake import LogRecorder, as_resource
+from .fake import LogRecorder, UpstreamResults, as_resource, with_upstream
 from .fake_api import FakeConveyorClient
 
 
@@ -46,6 +46,7 @@ async def dispatch(
     run_id: str | None = None,
     api: ConveyorClient | None = None,
     addressed: bool | None = None,
+    upstream: UpstreamResults | None = None,
 ) -> DispatchReport:
     """Encode the event as the server would and run it through the real dispatcher.
 
@@ -53,9 +54,10 @@ async def dispatch(
     error). ``addressed`` says whether the event comes as a pipeline step addressed to this
     driver (``drivers.<driver>.resources.<type>``) or as a broadcast (``resources.<type>``);
     by default a ``process`` event is a step and any other event a broadcast, as the
-    server sends them.
+    server sends them. ``upstream`` stores earlier steps' results on the resource, as
+    :class:`FakeContext` does.
     """
-    res = as_resource(resource)
+    res = with_upstream(as_resource(resource), upstream)
     message = DriverMessage(
         event=event, payload=res, run_id=run_id or str(uuid.uuid4()), id=str(uuid.uuid4())
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from typing import Any, NoReturn
 
 import attrs
@@ -13,7 +14,8 @@ from structlog.typing import EventDict, FilteringBoundLogger, WrappedLogger
 from .. import protocol
 from ..api import ConveyorClient
 from ..context import Context
-from ..models import Resource, resource_from_json
+from ..models import DriverResult, Resource, resource_from_json, with_driver_result
+from ..outcomes import Result
 from .fake_api import FakeConveyorClient
 
 
@@ -52,6 +54,9 @@ class FakeContext(Context):
     """A Context for calling a handler directly in a test; ``ctx.logs`` holds its lines.
 
     ``ctx.api`` is a :class:`FakeConveyorClient` unless another client is given.
+    ``upstream`` maps earlier steps' drivers to their results (a ``Result``, or a dict
+    with ``success``, ``message`` and ``data``): they are stored on the resource as the
+    pipeline engine stores them, so ``ctx.upstream`` reads them as it would in production.
     """
 
     logs: list[dict[str, Any]] = attrs.field(factory=list, repr=False)
@@ -64,8 +69,9 @@ class FakeContext(Context):
         attempt: int = 1,
         api: ConveyorClient | None = None,
         driver: str = "test-driver",
+        upstream: UpstreamResults | None = None,
     ) -> None:
-        res = as_resource(resource)
+        res = with_upstream(as_resource(resource), upstream)
         run = run_id or str(uuid.uuid4())
         recorder = LogRecorder()
         log = recorder.logger().bind(
@@ -87,3 +93,27 @@ class FakeContext(Context):
             api=api if api is not None else FakeConveyorClient(),
             logs=recorder.entries,
         )
+
+
+#: Earlier steps' results for a test: a ``Result``, or a dict with ``success``, ``message``
+#: and ``data``, by driver.
+UpstreamResults = Mapping[str, Result | Mapping[str, Any]]
+
+
+def with_upstream(resource: Resource, upstream: UpstreamResults | None) -> Resource:
+    """``resource`` with earlier steps' results stored on it, as the pipeline engine does."""
+    for name, result in (upstream or {}).items():
+        resource = with_driver_result(resource, _driver_result(name, result))
+    return resource
+
+
+def _driver_result(driver: str, result: Result | Mapping[str, Any]) -> DriverResult:
+    if isinstance(result, Result):
+        return DriverResult(result.success, result.message, result.data, driver)
+    unknown = set(result) - {"success", "message", "data"}
+    if unknown or not isinstance(result.get("success"), bool):
+        raise TypeError(
+            f"upstream[{driver!r}] must be a Result or a dict with a boolean 'success' and "
+            f"optional 'message' and 'data', not {dict(result)!r}"
+        )
+    return DriverResult(result["success"], result.get("message", ""), result.get("data"), driver)
