@@ -18,6 +18,7 @@ from .models import Resource
 from .outcomes import Fail, Result, Retry
 from .process import CommandResult
 from .settings import Settings
+from .specs import InvalidSpec
 
 __all__ = [
     "CommandResult",
@@ -26,6 +27,7 @@ __all__ = [
     "ConveyorDriverError",
     "Driver",
     "Fail",
+    "InvalidSpec",
     "Resource",
     "Result",
     "Retry",

@@ -68,6 +68,7 @@ _RUN = (
     "timeout",
     "max_runs",
     "exit_when_idle",
+    "apply_definitions",
     *_LOKI,
     *_TLS,
 )
@@ -405,6 +406,29 @@ def manifest(app: str | None, **options: Any) -> None:
     shape = "scaled-job" if own["scaled_job"] else "deployment"
     chosen = ManifestOptions(own["image"], port, own["prometheus_url"], shape)
     click.echo(render(load_driver(_app(app)), chosen), nl=False)
+
+
+@main.command()
+@_APP
+@_friendly_errors
+def schema(app: str | None) -> None:
+    """Print the JSON Schema of each resource type APP's handlers type with spec=."""
+    from .definitions import schemas
+
+    click.echo(orjson.dumps(schemas(load_driver(_app(app))), option=orjson.OPT_INDENT_2))
+
+
+@main.command()
+@_APP
+@_options("api_url", *_TLS)
+@_friendly_errors
+def apply(app: str | None, **options: Any) -> None:
+    """Create or update the ResourceDefinitions of APP's typed specs on the API server."""
+    from .definitions import apply_on_server
+
+    settings = _settings(options, ("api_url", *_TLS))
+    for line in _run_async(apply_on_server(load_driver(_app(app)), settings)):
+        click.echo(line)
 
 
 @main.command()
