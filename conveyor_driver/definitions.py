@@ -143,7 +143,8 @@ async def apply_on_server(driver: Driver, settings: Settings) -> list[str]:
     if not spec_classes(driver):
         return [f"nothing to apply: no handler of driver {driver.name!r} has a spec= class"]
     tls = load_tls(settings.tls_cert, settings.tls_key, settings.tls_ca)
-    log = build_logger(level="warning", fmt=settings.log_format)
+    # The lines returned say what changed; retries stay quiet, a failure is one Error: line.
+    log = build_logger(level="error", fmt=settings.log_format)
     client = ConveyorClient.from_settings(settings, tls, log=log)
     try:
         changes = await apply_definitions(driver, client, log)
