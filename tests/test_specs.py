@@ -6,11 +6,13 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+from pathlib import Path
 from typing import Any, Literal
 
 import attrs
 import pytest
 from _helpers import invoke
+from _readme import README, parse
 from jsonschema import Draft202012Validator
 
 from conveyor_driver import ConfigurationError, Context, Driver, InvalidSpec, Result
@@ -366,4 +368,32 @@ def test_the_schema_command_prints_one_schema_per_typed_resource_type() -> None:
     assert [e.message for e in validator.iter_errors({"timeout_s": "ten"})] == [
         "'ten' is not of type 'integer'",
         "'repo' is a required property",
+    ]
+
+
+# -- type checkers see ctx.spec's type ------------------------------------------------------------
+
+
+def test_mypy_strict_accepts_the_readme_example_and_sees_the_spec_type(tmp_path: Path) -> None:
+    from mypy import api
+
+    (builder,) = [b for b in parse(README.read_text()) if b.file == "builder.py"]
+    (tmp_path / "builder.py").write_text(builder.code)
+    misuse = builder.code + (
+        "\n\n@driver.on('deploy', spec=BuildSpec)\n"
+        "async def deploy(ctx: Context[BuildSpec]) -> None:\n"
+        "    ctx.spec.timeout_s.upper()\n"
+        "\n\n@driver.on('cleanup')\n"
+        "async def cleanup(ctx: Context) -> None:\n"
+        "    ctx.spec['anything'].goes()\n"
+    )
+    (tmp_path / "misuse.py").write_text(misuse)
+    options = ["--strict", "--cache-dir", str(tmp_path / "cache"), "--no-error-summary"]
+    out, err, status = api.run([*options, str(tmp_path / "builder.py")])
+    assert status == 0, out + err
+    out, err, status = api.run([*options, str(tmp_path / "misuse.py")])
+    assert status == 1
+    line = misuse.splitlines().index("    ctx.spec.timeout_s.upper()") + 1
+    assert out.splitlines() == [
+        f'{tmp_path / "misuse.py"}:{line}: error: "int" has no attribute "upper"  [attr-defined]'
     ]
