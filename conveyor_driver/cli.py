@@ -228,8 +228,10 @@ def routes(app: str | None) -> None:
         click.echo("  no handlers registered")
     for route in driver.routes:
         events = ", ".join(sorted(route.events)) if route.events else "*"
+        typed = f"; spec {route.spec.__qualname__}" if route.spec is not None else ""
         click.echo(
-            f"  {route.name}: resource types {', '.join(route.resource_types)}; events {events}"
+            f"  {route.name}: resource types {', '.join(route.resource_types)}; "
+            f"events {events}{typed}"
         )
         for subject in protocol.filter_subjects(driver.name, route.resource_types):
             click.echo(f"    {subject}")

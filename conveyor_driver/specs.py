@@ -73,15 +73,11 @@ class _WrongType(TypeError):
 def structure(value: Any, cls: type[T]) -> T:
     """``value`` (a resource's JSON spec) as a ``cls``, or :class:`InvalidSpec` naming why.
 
-    A missing spec (``null``) reads as an empty object, so that a class whose fields all
-    have defaults accepts it and one with required fields names them.
+    A missing spec (``null``) is refused like any other non-object, as the schema refuses
+    it: what passes here is what the server accepts, no more.
     """
     if isinstance(value, cls):
         return value
-    if value is None:
-        value = {}
-    if not isinstance(value, dict):
-        raise InvalidSpec([f"spec: expected object, got {_shown(value)}"])
     try:
         return _converter.structure(value, cls)
     except Exception as exc:

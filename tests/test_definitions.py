@@ -3,6 +3,7 @@ against ``api-swagger.json`` and resources against the applied schema, as Convey
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -11,11 +12,11 @@ import attrs
 import pytest
 import pytest_asyncio
 from _conveyor_api_server import ConveyorAPIServer, api_server
-from _helpers import raw_results, resource_json, run_in_process, send, settled, wait_until
+from _helpers import invoke, raw_results, resource_json, run_in_process, send, settled, wait_until
 from nats.aio.client import Client
 
-from conveyor_driver import Context, Driver, Resource
-from conveyor_driver.api import ConveyorAPIError, ConveyorClient
+from conveyor_driver import Context, Driver, Resource, Settings
+from conveyor_driver.api import APIUnavailableError, ConveyorAPIError, ConveyorClient
 from conveyor_driver.definitions import apply_definitions, resource_definitions
 from conveyor_driver.embedded import EmbeddedNats
 from conveyor_driver.specs import json_schema
@@ -183,6 +184,20 @@ async def test_the_driver_applies_its_definitions_at_start(
         assert set(server.definitions) == {"build", "release"}
         assert server.definitions["release"]["schema"] == json_schema(BuildSpec)
     assert server.violations == []
+
+
+async def test_a_server_that_cannot_be_reached_stops_start_up(nats_server: EmbeddedNats) -> None:
+    driver = typed_driver(apply_definitions=True)
+    settings = Settings(nats_urls=nats_server.url, api_url="http://127.0.0.1:9", log_format="json")
+    with pytest.raises(APIUnavailableError, match="/resource-definitions/build got no answer"):
+        await asyncio.wait_for(driver.serve(settings), 60)
+
+
+def test_routes_names_the_spec_class() -> None:
+    result = invoke("routes", "tests/apps/specs_app.py:driver")
+    assert result.exit_code == 0, result.output
+    assert "  build: resource types build; events *; spec BuildSpec\n" in result.stdout
+    assert "  cleanup: resource types cleanup; events *\n" in result.stdout
 
 
 async def test_without_the_option_the_driver_applies_nothing(

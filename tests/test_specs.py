@@ -324,6 +324,7 @@ INVALID = [
     {"image": "i", "ratio": False},
     "i",
     [],
+    None,
 ]
 
 
