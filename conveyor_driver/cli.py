@@ -32,6 +32,7 @@ from .settings import (
     VARIABLES,
     Settings,
     Variable,
+    as_environment,
     command_values,
     decimal,
     path,
@@ -52,6 +53,7 @@ _RUN = (
     "nats_urls",
     "api_url",
     "concurrency",
+    "workers",
     "log_level",
     "log_format",
     "loop",
@@ -194,6 +196,11 @@ def run(app: str | None, **options: Any) -> None:
     """
     settings = _settings(options, _RUN)
     driver: Driver = load_driver(_app(app))
+    if settings.workers > 1:
+        from .runtime.supervisor import supervise
+
+        given = as_environment(_given(options, _RUN))
+        sys.exit(supervise(driver, _app(app), settings, given))
     driver.run(settings)
 
 
