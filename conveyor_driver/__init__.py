@@ -18,6 +18,7 @@ from .models import Resource
 from .outcomes import Fail, Result, Retry
 from .process import CommandResult
 from .settings import Settings
+from .specs import InvalidSpec
 from .upstream import NotFound, Upstream, UpstreamError
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "ConveyorDriverError",
     "Driver",
     "Fail",
+    "InvalidSpec",
     "NotFound",
     "Resource",
     "Result",

@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, overload
 
 import attrs
 from structlog.typing import FilteringBoundLogger
+from typing_extensions import TypeVar
 
 from .models import Resource
 from .process import KILL_GRACE, CommandResult, run_command
@@ -18,14 +19,21 @@ if TYPE_CHECKING:
     from .api import ConveyorClient
 
 DataT = TypeVar("DataT")
+#: The type of ``ctx.spec``: the handler's ``spec=`` class; ``Any`` (the JSON) without one,
+#: so a bare ``Context`` annotation keeps meaning what it always did.
+S = TypeVar("S", default=Any)
 
 
 @attrs.define(frozen=True)
-class Context:
+class Context(Generic[S]):
     """Everything a handler needs about one delivery, handed in rather than imported.
 
     Handlers take their logger and API client from here, never from globals, so a test
     can hand them a :class:`~conveyor_driver.testing.FakeContext` instead.
+
+    ``Context[BuildSpec]`` is the context of a handler registered with ``spec=BuildSpec``:
+    ``ctx.spec`` is the resource's spec structured into that class, and type checkers know
+    it. A plain ``Context`` has ``ctx.spec`` as the JSON (``ctx.resource.spec``).
     """
 
     driver: str
@@ -42,6 +50,13 @@ class Context:
     deadline: float | None = None
     #: Seconds a stopped ``ctx.run`` command gets between SIGTERM and SIGKILL.
     kill_grace: float = attrs.field(default=KILL_GRACE, repr=False)
+    #: The resource's spec: an instance of the handler's ``spec=`` class, structured and
+    #: checked before the handler was called; without ``spec=``, ``resource.spec`` as sent.
+    spec: S = attrs.field(repr=False)
+
+    @spec.default
+    def _json_spec(self) -> Any:
+        return self.resource.spec
 
     def remaining(self) -> float | None:
         """Seconds left before the deadline (never negative), or None without one.

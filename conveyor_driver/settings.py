@@ -121,6 +121,8 @@ class Settings:
     exit_when_idle: float | None = attrs.field(
         default=None, validator=validation.number(float, above=0)
     )
+    #: Apply the typed specs' ResourceDefinitions at start, as ``Driver(apply_definitions=True)``.
+    apply_definitions: bool = False
     #: The driver's identity on a secured Conveyor (``docs/protocol.md#authentication``): a PEM
     #: certificate chain (leaf first), its private key, and the operator's CA.
     tls_cert: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))

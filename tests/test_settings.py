@@ -170,6 +170,15 @@ CASES = [
         ("0", "-1", "soon"),
     ),
     Case(
+        "CONVEYOR_APPLY_DEFINITIONS",
+        "--apply-definitions",
+        "on",
+        True,
+        lambda s: s.apply_definitions,
+        ("sometimes",),
+        option_args=("--apply-definitions",),
+    ),
+    Case(
         "CONVEYOR_LAG_INTERVAL",
         "--lag-interval",
         "0.5",

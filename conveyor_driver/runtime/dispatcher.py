@@ -20,7 +20,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode
 from structlog.typing import FilteringBoundLogger
 
-from .. import outcomes, protocol
+from .. import outcomes, protocol, specs
 from ..context import Context
 from ..logs.stdlib import run_scope
 from ..models import DecodeError, DriverMessage, decode_driver_message
@@ -214,8 +214,18 @@ async def _decide(
         log.error("run gave up", attempt=delivery.attempt, reason=outcome.result)
         return Processed(outcome, message), None
 
+    spec = resource.spec
+    if route.spec is not None:
+        try:
+            spec = specs.structure(resource.spec, route.spec)
+        except specs.InvalidSpec as exc:
+            # Permanent: the same spec fails the same way on every attempt.
+            outcome = outcomes.from_exception(exc, delivery.attempt, driver.max_attempts)
+            log.warning("run failed: invalid spec", errors=exc.errors, handler=route.name)
+            return Processed(outcome, message), None
+
     timeout = _timeout_of(route, driver, services)
-    ctx = Context(
+    ctx: Context[Any] = Context(
         driver=driver.name,
         event=message.event,
         run_id=message.run_id,
@@ -227,6 +237,7 @@ async def _decide(
         api=services.api,
         deadline=time.monotonic() + timeout if timeout is not None else None,
         kill_grace=driver.kill_grace,
+        spec=spec,
     )
     log.debug("run started", attempt=delivery.attempt, handler=route.name)
     inflight = services.telemetry.inflight

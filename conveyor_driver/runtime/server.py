@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from .. import protocol
 from ..api import ConveyorClient
+from ..definitions import apply_definitions
 from ..errors import (
     ConfigurationError,
     ConsumerSetupError,
@@ -140,6 +141,8 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
         state.nc = nc
         api = ConveyorClient.from_settings(settings, tls, log=log, telemetry=telemetry)
         stack.push_async_callback(api.close)
+        if driver.apply_definitions or settings.apply_definitions:
+            await apply_definitions(driver, api, log)
         executor = HandlerThreads(max_workers=concurrency, thread_name_prefix=driver.name)
         stack.callback(executor.shutdown, wait=False, cancel_futures=True)
 

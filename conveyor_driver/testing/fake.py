@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import attrs
 import structlog
 from structlog.testing import LogCapture
 from structlog.typing import EventDict, FilteringBoundLogger, WrappedLogger
 
-from .. import protocol
+from .. import protocol, specs
 from ..api import ConveyorClient
-from ..context import Context
+from ..context import Context, S
 from ..models import DriverResult, Resource, resource_from_json, with_driver_result
 from ..outcomes import Result
 from .fake_api import FakeConveyorClient
@@ -45,18 +45,30 @@ class LogRecorder(LogCapture):
 
 
 def as_resource(resource: Resource | dict[str, Any]) -> Resource:
-    """A Resource from one, or from a dict shaped like the server's JSON."""
-    return resource if isinstance(resource, Resource) else resource_from_json(resource)
+    """A Resource from one, or from a dict shaped like the server's JSON.
+
+    Its spec may be a spec object (``BuildSpec(repo=...)``): it becomes the JSON the
+    server would send, so that it is checked on its way in like any other.
+    """
+    res = resource if isinstance(resource, Resource) else resource_from_json(resource)
+    if specs.is_spec_class(type(res.spec)):
+        res = attrs.evolve(res, spec=specs.unstructure(res.spec))
+    return res
 
 
 @attrs.define(frozen=True, init=False)
-class FakeContext(Context):
+class FakeContext(Context[S]):
     """A Context for calling a handler directly in a test; ``ctx.logs`` holds its lines.
 
     ``ctx.api`` is a :class:`FakeConveyorClient` unless another client is given.
     ``upstream`` maps earlier steps' drivers to their results (a ``Result``, or a dict
     with ``success``, ``message`` and ``data``): they are stored on the resource as the
     pipeline engine stores them, so ``ctx.upstream`` reads them as it would in production.
+
+    ``spec`` is the handler's ``spec=`` class: the resource's spec (JSON, or a spec object)
+    is structured into it as the runtime does, raising
+    :class:`~conveyor_driver.specs.InvalidSpec` with the same errors the runtime reports.
+    A spec object in the resource without ``spec=`` is taken as its own class.
     """
 
     logs: list[dict[str, Any]] = attrs.field(factory=list, repr=False)
@@ -70,8 +82,13 @@ class FakeContext(Context):
         api: ConveyorClient | None = None,
         driver: str = "test-driver",
         upstream: UpstreamResults | None = None,
+        spec: type[S] | None = None,
     ) -> None:
+        given = resource.spec if isinstance(resource, Resource) else resource.get("spec")
+        if spec is None and specs.is_spec_class(type(given)):
+            spec = cast("type[S]", type(given))
         res = with_upstream(as_resource(resource), upstream)
+        typed = specs.structure(res.spec, spec) if spec is not None else res.spec
         run = run_id or str(uuid.uuid4())
         recorder = LogRecorder()
         log = recorder.logger().bind(
@@ -92,6 +109,7 @@ class FakeContext(Context):
             log=log,
             api=api if api is not None else FakeConveyorClient(),
             logs=recorder.entries,
+            spec=typed,
         )
 
 
