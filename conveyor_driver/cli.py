@@ -72,6 +72,8 @@ _RUN = (
     "exit_when_idle",
     *_LOKI,
     *_TLS,
+    "redact_env",
+    "redact_urls",
 )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from typing import Any, NoReturn
 
 import attrs
@@ -13,6 +14,7 @@ from structlog.typing import EventDict, FilteringBoundLogger, WrappedLogger
 from .. import protocol
 from ..api import ConveyorClient
 from ..context import Context
+from ..logs.redact import Redactor
 from ..models import Resource, resource_from_json
 from .fake_api import FakeConveyorClient
 
@@ -32,11 +34,11 @@ class LogRecorder(LogCapture):
         finally:
             event_dict["level"] = event_dict.pop("log_level")
 
-    def logger(self) -> FilteringBoundLogger:
-        """A debug-level logger feeding this recorder and nothing else."""
+    def logger(self, redactor: Redactor | None = None) -> FilteringBoundLogger:
+        """A debug-level logger feeding this recorder (through ``redactor``, if given)."""
         logger: FilteringBoundLogger = structlog.wrap_logger(
             None,
-            processors=[self],
+            processors=[redactor, self] if redactor is not None else [self],
             wrapper_class=structlog.make_filtering_bound_logger(0),
         )
         return logger
@@ -51,7 +53,8 @@ def as_resource(resource: Resource | dict[str, Any]) -> Resource:
 class FakeContext(Context):
     """A Context for calling a handler directly in a test; ``ctx.logs`` holds its lines.
 
-    ``ctx.api`` is a :class:`FakeConveyorClient` unless another client is given.
+    ``ctx.api`` is a :class:`FakeConveyorClient` unless another client is given. The lines
+    are masked as the driver's are: ``secrets`` and what ``ctx.secret`` registers.
     """
 
     logs: list[dict[str, Any]] = attrs.field(factory=list, repr=False)
@@ -64,11 +67,13 @@ class FakeContext(Context):
         attempt: int = 1,
         api: ConveyorClient | None = None,
         driver: str = "test-driver",
+        secrets: Sequence[str] = (),
     ) -> None:
         res = as_resource(resource)
         run = run_id or str(uuid.uuid4())
         recorder = LogRecorder()
-        log = recorder.logger().bind(
+        redactor = Redactor(secrets)
+        log = recorder.logger(redactor).bind(
             driver=driver,
             run_id=run,
             event_name=event,
@@ -86,4 +91,5 @@ class FakeContext(Context):
             log=log,
             api=api if api is not None else FakeConveyorClient(),
             logs=recorder.entries,
+            redactor=redactor,
         )
