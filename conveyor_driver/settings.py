@@ -40,6 +40,7 @@ from .variables import (
     decimal,
     parse_value,
     path,
+    patterns,
     read_environment,
     split_urls,
     whole,
@@ -129,7 +130,7 @@ class Settings:
     tls_ca: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
     #: Secrets in logs (``conveyor_driver.logs.redact``): the environment variables whose
     #: values are masked, by name pattern, and whether URL passwords are.
-    redact_env: tuple[str, ...] = attrs.field(default=DEFAULT_REDACT_ENV, converter=tuple)
+    redact_env: tuple[str, ...] = attrs.field(default=DEFAULT_REDACT_ENV, converter=patterns)
     redact_urls: bool = True
 
     @classmethod

@@ -149,12 +149,16 @@ class Redactor:
         cut = len(text) - keep
         if cut <= 0:
             return 0
-        if matchers.secrets is not None:
+        moved = matchers.secrets is not None
+        while moved and cut > 0:
+            # Moved before a straddling secret, the cut may now fall inside one overlapping it.
+            moved = False
+            assert matchers.secrets is not None
             for match in matchers.secrets.finditer(text, max(cut - matchers.longest, 0)):
                 if match.start() >= cut:
                     break
                 if match.end(1) > cut:
-                    cut = match.start()
+                    cut, moved = match.start(), True
                     break
         if self._urls:
             scheme = text.rfind("://", max(cut - _URL_LOOKBACK, 0), cut)
@@ -271,7 +275,7 @@ def _mask(text: str, matchers: _Matchers, urls: bool) -> str:
         spans: list[list[int]] = []
         for match in matchers.secrets.finditer(text):
             start, end = match.start(), match.end(1)
-            if spans and start <= spans[-1][1]:
+            if spans and start < spans[-1][1]:
                 spans[-1][1] = max(spans[-1][1], end)
             else:
                 spans.append([start, end])
