@@ -7,11 +7,13 @@ event, at any depth, so the console, NATS and Loki all receive the masked text a
 has to remember to do it.
 
 Why one compiled matcher: a log call is on the handler's path (``bench/README.md``), and a
-loop over twenty secrets would cost twenty scans of every value. The secrets are compiled
-into one regex shaped as a trie (shared prefixes written once, the longer completion
-tried first), rebuilt when the set changes; a value is scanned once, and only a value
-that matches takes the slow path that rewrites it. Strings seen clean are remembered
-(bounded), so the run's bound keys (run id, resource name) are not scanned on every line.
+loop over twenty secrets would cost twenty scans of every value. Every value is scanned
+once by one regex holding every secret (each found by its least common character, see
+:func:`_anchored`) and the URL-password pattern, rebuilt when the set changes. Only a
+value it matches takes the slow path, which rewrites it with a second regex, a trie of
+the secrets (the longest match at each position, overlaps merged). Strings seen clean are
+remembered (bounded), so the run's bound keys (run id, resource name) are not scanned on
+every line.
 
 Secrets shorter than :data:`MIN_LENGTH` are refused: masking every ``abc`` would shred
 the log while protecting nothing.
