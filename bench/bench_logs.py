@@ -5,15 +5,21 @@ Both figures are taken in one run beside a baseline, so the ratio holds on a noi
 * the cost of one call on a run logger with the NATS and Loki sinks on (µs per call; the
   shippers run between timed chunks, as they would between a handler's awaits), against a
   plain structlog call rendering to the console (the same renderer, no sinks);
-* lines per second delivered to a Loki receiver in another process in a sustained run.
+* lines per second delivered to a Loki receiver in another process in a sustained run;
+* what masking secrets adds to a call (issue 13): the same logger with a redactor holding
+  20 secrets against one without, on the call above and on a unique command-output line
+  (what ``ctx.run`` logs), and the redactor with no secret registered (URL passwords
+  only, the default; and with those off too).
 
-Targets from issue 3: under 20 µs per call, at least 50,000 lines/s delivered.
+Targets from issue 3: under 20 µs per call, at least 50,000 lines/s delivered. Issue 13:
+masking costs at most 3 µs per call with 20 secrets.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import statistics
 import subprocess
 import sys
@@ -28,6 +34,7 @@ from conveyor_driver.embedded import EmbeddedNats, free_port
 from conveyor_driver.logs.chain import build_logger
 from conveyor_driver.logs.loki import LokiConfig, LokiSink
 from conveyor_driver.logs.nats import NatsLogSink
+from conveyor_driver.logs.redact import Redactor
 from conveyor_driver.runtime.connection import connect
 from conveyor_driver.runtime.publisher import Publisher
 
@@ -55,6 +62,64 @@ async def per_call_us(log: structlog.typing.FilteringBoundLogger) -> float:
         samples.append((time.perf_counter_ns() - began) / CHUNK / 1000)
         await asyncio.sleep(0)
     return statistics.median(samples)
+
+
+async def per_output_line_us(log: structlog.typing.FilteringBoundLogger) -> float:
+    """As :func:`per_call_us`, for a line of command output: new text every call."""
+    samples = []
+    for start in range(0, CALLS, CHUNK):
+        lines = [
+            f"[{i:05d}] Compiling src/app/Module{i}.java with -Xlint:all"
+            for i in range(start, start + CHUNK)
+        ]
+        began = time.perf_counter_ns()
+        for line in lines:
+            log.info(line, stream="stdout")
+        samples.append((time.perf_counter_ns() - began) / CHUNK / 1000)
+        await asyncio.sleep(0)
+    return statistics.median(samples)
+
+
+#: Registered secrets for the redaction figures: tokens of 8 to 46 characters.
+SECRETS = [secrets.token_urlsafe(n) for n in range(6, 46, 2)]
+
+
+async def redaction_us(
+    sinks: list[NatsLogSink | LokiSink], devnull: TextIO
+) -> dict[str, tuple[float, float]]:
+    """µs per call with a redactor (20 secrets; none) and without, on the same sinks.
+
+    Each round times the loggers one after the other, so a difference is not the load of
+    the neighbours moving between them. Returns ``{figure: (without, with)}``.
+    """
+    assert len(SECRETS) == 20
+
+    def logger(redactor: Redactor | None) -> structlog.typing.FilteringBoundLogger:
+        return build_logger(fmt="json", stream=devnull, sinks=sinks, redactor=redactor).bind(
+            driver="bench", **RUN_KEYS
+        )
+
+    plain, masked = logger(None), logger(Redactor(SECRETS))
+    urls, empty = logger(Redactor()), logger(Redactor(urls=False))
+    figures: dict[str, tuple[list[float], list[float]]] = {
+        "call": ([], []),
+        "output": ([], []),
+        "urls": ([], []),
+        "empty": ([], []),
+    }
+    for _ in range(ROUNDS):
+        figures["call"][0].append(await per_call_us(plain))
+        figures["call"][1].append(await per_call_us(masked))
+        figures["output"][0].append(await per_output_line_us(plain))
+        figures["output"][1].append(await per_output_line_us(masked))
+        figures["urls"][0].append(await per_output_line_us(plain))
+        figures["urls"][1].append(await per_output_line_us(urls))
+        figures["empty"][0].append(await per_call_us(plain))
+        figures["empty"][1].append(await per_call_us(empty))
+    return {
+        name: (statistics.median(without), statistics.median(with_))
+        for name, (without, with_) in figures.items()
+    }
 
 
 async def delivered(session: aiohttp.ClientSession, port: int) -> int:
@@ -94,8 +159,9 @@ async def main(devnull: TextIO) -> None:
                 base.append(await per_call_us(baseline_log))
                 full.append(await per_call_us(log))
             base_us, full_us = statistics.median(base), statistics.median(full)
+            redaction = await redaction_us([nats_sink, loki_sink], devnull)
 
-            await _settle(session, port, ROUNDS * CALLS, nats_sink)
+            await _settle(session, port, ROUNDS * CALLS * 9, nats_sink)
             both = await sustained(log, session, port, nats_sink)
             await loki_sink.close()
             await nats_sink.close(timeout=60)
@@ -136,6 +202,19 @@ async def main(devnull: TextIO) -> None:
         f"    NATS sink in the same run: {acked}/{LINES} acknowledged when Loki had all; "
         f"all in {nats_elapsed:5.2f} s: {LINES / nats_elapsed:8,.0f} lines/s"
     )
+    print("  masking secrets (the call above with NATS + Loki sinks, without and with a redactor):")
+    for name, label in (
+        ("call", "20 secrets, the call above"),
+        ("output", "20 secrets, a new output line"),
+        ("urls", "no secret (URLs), output line"),
+        ("empty", "no secret, --no-redact-urls"),
+    ):
+        without, with_ = redaction[name]
+        cost = with_ - without
+        print(
+            f"    {label:30} {without:6.2f} -> {with_:6.2f} µs/call: +{cost:5.2f} µs"
+            f"   target <= 3 µs: {'ok' if cost <= 3 else 'MISSED'}"
+        )
 
 
 async def sustained(

@@ -10,6 +10,7 @@ import attrs
 
 from . import protocol, specs
 from .errors import ConfigurationError
+from .logs.redact import check_secret
 from .outcomes import Result
 from .process import KILL_GRACE
 
@@ -75,7 +76,8 @@ class Driver:
     it holds). ``max_attempts`` bounds retries: the last failed attempt publishes a failure
     result. ``ack_wait`` is how long JetStream waits for news of a delivery before it
     hands the message to another instance; the runtime keeps long runs alive inside it.
-    ``grace_period`` is how long a shutdown lets running handlers finish.
+    ``grace_period`` is how long a shutdown lets running handlers finish. ``secrets`` are
+    masked as ``***`` in every log line of the driver (console, NATS, Loki, ``ctx.run``).
     """
 
     def __init__(
@@ -90,6 +92,7 @@ class Driver:
         kill_grace: float = KILL_GRACE,
         ledger: bool = True,
         apply_definitions: bool = False,
+        secrets: Iterable[str] = (),
     ) -> None:
         if not isinstance(name, str) or not protocol.is_subject_token(name):
             raise ConfigurationError(
@@ -119,6 +122,9 @@ class Driver:
         #: Create or update the ResourceDefinitions of the typed specs at start
         #: (:mod:`conveyor_driver.definitions`); ``--apply-definitions`` also turns it on.
         self.apply_definitions = apply_definitions
+        #: Masked as ``***`` in every log line (``conveyor_driver.logs.redact``); checked
+        #: here, so a secret too short to mask is refused where it is written.
+        self.secrets = tuple(check_secret(secret) for secret in secrets)
         self._routes: list[Route] = []
         self.startup_hooks: list[Hook] = []
         self.shutdown_hooks: list[Hook] = []

@@ -73,6 +73,8 @@ _RUN = (
     "apply_definitions",
     *_LOKI,
     *_TLS,
+    "redact_env",
+    "redact_urls",
 )
 
 

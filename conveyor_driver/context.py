@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Generic, overload
 
@@ -11,6 +12,7 @@ import attrs
 from structlog.typing import FilteringBoundLogger
 from typing_extensions import TypeVar
 
+from .logs.redact import Redactor, check_secret
 from .models import Resource
 from .process import KILL_GRACE, CommandResult, run_command
 from .upstream import Upstream, read_upstream
@@ -58,6 +60,10 @@ class Context(Generic[S]):
     def _json_spec(self) -> Any:
         return self.resource.spec
 
+    #: The driver's secrets, which mask its log lines; :meth:`secret` adds to them.
+    redactor: Redactor | None = attrs.field(default=None, repr=False)
+    _run_secrets: list[str] = attrs.field(factory=list, init=False, repr=False, eq=False)
+
     def remaining(self) -> float | None:
         """Seconds left before the deadline (never negative), or None without one.
 
@@ -67,6 +73,26 @@ class Context(Generic[S]):
         if self.deadline is None:
             return None
         return max(self.deadline - time.monotonic(), 0.0)
+
+    def secret(self, value: str) -> str:
+        """Mask ``value`` as ``***`` in the log from now on, and return it.
+
+        For a credential the handler comes by at run time (read from a vault, returned by
+        an API): ``token = ctx.secret(vault.read(...))``. It is masked in every line of the
+        driver until this run's context is gone (then released, so that a long-lived
+        driver does not scan for every build's token forever). A value shorter than 4
+        characters is refused with ``SecretTooShortError``: masking it would shred the log.
+        """
+        check_secret(value)
+        redactor = self.redactor
+        if redactor is not None:
+            redactor.add(value)
+            if not self._run_secrets:
+                # Released when nothing holds the context any more: a sync handler's thread
+                # abandoned at its deadline still logs, and holds it until it returns.
+                weakref.finalize(self, redactor.release, self._run_secrets)
+            self._run_secrets.append(value)
+        return value
 
     async def run(
         self,
@@ -92,6 +118,7 @@ class Context(Generic[S]):
             timeout=timeout,
             check=check,
             kill_grace=self.kill_grace,
+            redactor=self.redactor,
         )
 
     @overload

@@ -4,11 +4,18 @@ CI drivers mostly run commands. Output goes to the log line by line as it appear
 build's progress shows live in Conveyor and Loki; only a bounded tail is kept in memory. The
 command runs in a process group of its own, so a timeout or a cancelled handler kills what
 it started too, not only the shell.
+
+Output reaches the log a whole line at a time, however the command's writes were cut into
+chunks, so a secret split across two writes is whole again when the log's redactor sees
+it. A line too long for one log line is logged in pieces; a piece never ends inside a
+secret (see :meth:`~conveyor_driver.logs.redact.Redactor.safe_cut`), nor inside a UTF-8
+character.
 """
 
 from __future__ import annotations
 
 import asyncio
+import codecs
 import collections
 import contextlib
 import os
@@ -23,6 +30,7 @@ from opentelemetry.trace import Status, StatusCode
 from structlog.typing import FilteringBoundLogger
 
 from ._reaper import REAPER
+from .logs.redact import Redactor
 from .outcomes import Fail
 from .telemetry import INSTRUMENTATION
 
@@ -58,6 +66,7 @@ async def run_command(
     timeout: float | None = None,
     check: bool = False,
     kill_grace: float = KILL_GRACE,
+    redactor: Redactor | None = None,
 ) -> CommandResult:
     """Run ``cmd`` (a shell string or an argv list), logging its lines as they come.
 
@@ -66,6 +75,8 @@ async def run_command(
     is a child span of the run (named after the program, so names stay few). A timeout or
     a cancelled handler (its deadline, a shutdown) stops the command's whole process group:
     SIGTERM first, so build tools can clean up, and SIGKILL after ``kill_grace`` seconds.
+    ``redactor`` masks the driver's secrets in the result's ``stdout`` and ``stderr`` too
+    (``check`` puts stderr into the failure, which reaches the log and the server).
     """
     text = cmd if isinstance(cmd, str) else " ".join(cmd)
     program = text.split(maxsplit=1)[0] if text.strip() else "command"
@@ -76,7 +87,9 @@ async def run_command(
         record_exception=False,
         set_status_on_exception=False,
     ) as span:
-        result = await _run(log, cmd, cwd=cwd, env=env, timeout=timeout, kill_grace=kill_grace)
+        result = await _run(
+            log, cmd, cwd=cwd, env=env, timeout=timeout, kill_grace=kill_grace, redactor=redactor
+        )
         span.set_attribute("process.exit.code", result.exit_code)
         if not result.ok:
             span.set_status(Status(StatusCode.ERROR, "timed out" if result.timed_out else None))
@@ -100,6 +113,7 @@ async def _run(
     env: Mapping[str, str] | None,
     timeout: float | None,
     kill_grace: float,
+    redactor: Redactor | None = None,
 ) -> CommandResult:
     full_env = {**os.environ, **env} if env is not None else None
     started = time.monotonic()
@@ -125,8 +139,8 @@ async def _run(
         assert process.stdout is not None and process.stderr is not None
         tails = {"stdout": _Tail(), "stderr": _Tail()}
         readers = asyncio.gather(
-            _pump(process.stdout, "stdout", log, tails["stdout"]),
-            _pump(process.stderr, "stderr", log, tails["stderr"]),
+            _pump(process.stdout, "stdout", log, tails["stdout"], redactor),
+            _pump(process.stderr, "stderr", log, tails["stderr"], redactor),
             process.wait(),
         )
         timed_out = False
@@ -141,11 +155,14 @@ async def _run(
     finally:
         REAPER.unregister(process.pid)
     exit_code = process.returncode if process.returncode is not None else -1
+    stdout, stderr = tails["stdout"].text(), tails["stderr"].text()
+    if redactor is not None:
+        stdout, stderr = redactor.mask(stdout), redactor.mask(stderr)
     result = CommandResult(
         args=args,
         exit_code=exit_code,
-        stdout=tails["stdout"].text(),
-        stderr=tails["stderr"].text(),
+        stdout=stdout,
+        stderr=stderr,
         duration=time.monotonic() - started,
         timed_out=timed_out,
     )
@@ -174,20 +191,36 @@ class _Tail:
 
 
 async def _pump(
-    stream: asyncio.StreamReader, name: str, log: FilteringBoundLogger, tail: _Tail
+    stream: asyncio.StreamReader,
+    name: str,
+    log: FilteringBoundLogger,
+    tail: _Tail,
+    redactor: Redactor | None = None,
 ) -> None:
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    carried = ""  # the end of a long line's piece, held back for the next piece
     while True:
+        whole = True
         try:
             raw = await stream.readuntil(b"\n")
         except asyncio.IncompleteReadError as end:
             raw = end.partial
-            if not raw:
+            if not raw and not carried:
                 return
         except asyncio.LimitOverrunError as long_line:
             # Take one piece and leave the rest of the line for the next turn: a long line
             # becomes several log lines, with nothing lost and no empty line invented.
             raw = await stream.readexactly(min(long_line.consumed, _LINE_LIMIT))
-        line = raw[:_LINE_LIMIT].decode(errors="replace").rstrip("\r\n")
+            whole = False
+        text = carried + decoder.decode(raw[:_LINE_LIMIT], final=whole)
+        carried = ""
+        if whole:
+            line = text.rstrip("\r\n")
+        else:
+            cut = redactor.safe_cut(text) if redactor is not None else len(text)
+            line, carried = text[:cut], text[cut:]
+            if not line:
+                continue
         tail.add(line)
         log.info(line, stream=name)
 

@@ -28,6 +28,7 @@ from .variables import (
     COMMAND_VARIABLES,
     DEFAULT_API_URL,
     DEFAULT_NATS_URL,
+    DEFAULT_REDACT_ENV,
     LOG_FORMATS,
     LOG_LEVELS,
     NATS_RULE,
@@ -39,6 +40,7 @@ from .variables import (
     decimal,
     parse_value,
     path,
+    patterns,
     read_environment,
     split_urls,
     whole,
@@ -128,6 +130,10 @@ class Settings:
     tls_cert: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
     tls_key: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
     tls_ca: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
+    #: Secrets in logs (``conveyor_driver.logs.redact``): the environment variables whose
+    #: values are masked, by name pattern, and whether URL passwords are.
+    redact_env: tuple[str, ...] = attrs.field(default=DEFAULT_REDACT_ENV, converter=patterns)
+    redact_urls: bool = True
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, /, **overrides: Any) -> Settings:

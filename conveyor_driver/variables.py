@@ -25,6 +25,8 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "console", "json")
 NATS_SCHEMES = ("nats", "tls", "ws", "wss")
 NATS_RULE = "NATS URLs start with nats://, tls://, ws:// or wss://"
+#: Environment variables whose values are masked in every log line (``--redact-env``).
+DEFAULT_REDACT_ENV = ("*TOKEN*", "*SECRET*", "*PASSWORD*", "*KEY*", "*CREDENTIAL*")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
@@ -71,6 +73,14 @@ def split_urls(value: str | Sequence[str]) -> tuple[str, ...]:
     """A comma-separated list (or a sequence) of URLs, blanks dropped."""
     items = value.split(",") if isinstance(value, str) else list(value)
     return tuple(item.strip() for item in items if item.strip())
+
+
+def patterns(value: str | Sequence[str]) -> tuple[str, ...]:
+    """A comma-separated list of name patterns (``*`` and ``?`` as in a shell); ``none``: no
+    pattern at all, since an empty variable counts as unset."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    names = tuple(item.strip() for item in items if item.strip())
+    return () if names == ("none",) else names
 
 
 @attrs.frozen
@@ -348,6 +358,25 @@ VARIABLES: tuple[Variable, ...] = (
         "--tls-ca",
         path,
         "PEM CA certificate(s) the servers' certificates are checked against.",
+    ),
+    Variable(
+        "CONVEYOR_REDACT_ENV",
+        "redact_env",
+        "--redact-env",
+        patterns,
+        "Mask in every log line the values of the environment variables whose names match "
+        "these patterns (comma-separated, case-insensitive; none: no variable).",
+        ",".join(DEFAULT_REDACT_ENV),
+        metavar="PATTERNS",
+    ),
+    Variable(
+        "CONVEYOR_REDACT_URLS",
+        "redact_urls",
+        "--redact-urls",
+        boolean,
+        "Mask the password of URLs in log lines (https://user:***@host).",
+        "on",
+        kind="switch",
     ),
 )
 

@@ -257,6 +257,22 @@ CASES = [
     Case("CONVEYOR_TLS_CERT", "--tls-cert", "/etc/d.crt", Path("/etc/d.crt"), lambda s: s.tls_cert),
     Case("CONVEYOR_TLS_KEY", "--tls-key", "/etc/d.key", Path("/etc/d.key"), lambda s: s.tls_key),
     Case("CONVEYOR_TLS_CA", "--tls-ca", "/etc/ca.pem", Path("/etc/ca.pem"), lambda s: s.tls_ca),
+    Case(
+        "CONVEYOR_REDACT_ENV",
+        "--redact-env",
+        "*TOKEN*, DEPLOY_* ,",
+        ("*TOKEN*", "DEPLOY_*"),
+        lambda s: s.redact_env,
+    ),
+    Case(
+        "CONVEYOR_REDACT_URLS",
+        "--redact-urls",
+        "off",
+        False,
+        lambda s: s.redact_urls,
+        ("perhaps",),
+        option_args=("--no-redact-urls",),
+    ),
 ]
 INVALID = [(case, text) for case in CASES for text in case.invalid]
 #: Pairs refused together: the error names both, wherever each came from.

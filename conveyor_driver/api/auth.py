@@ -78,6 +78,8 @@ class CertificateAuth:
         self._token: str | None = None
         self._expires = 0.0
         self.minted = 0
+        #: Called with each new token before it is used (the driver masks it in logs).
+        self.on_mint: Callable[[str], None] | None = None
 
     def __repr__(self) -> str:
         return f"<CertificateAuth {self.algorithm} {self.identity.subject}>"
@@ -87,6 +89,8 @@ class CertificateAuth:
         now = self._clock()
         if self._token is None or now >= self._expires - self._renew_before:
             self._token, self._expires = self._mint(now)
+            if self.on_mint is not None:
+                self.on_mint(self._token)
         return self._token
 
     def headers(self) -> dict[str, str]:

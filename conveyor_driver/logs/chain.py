@@ -1,6 +1,7 @@
 """The structlog processor chain every driver log line goes through.
 
-    add level → timestamp → format exception → sinks (NATS, later Loki) → console renderer
+    add level → timestamp → format exception → trace ids → mask secrets → sinks (NATS, Loki)
+    → console renderer
 
 Sinks are plain processors that copy what they need and hand it to a background task, so
 a log call on the handler's path costs one dict walk and a queue append, never I/O. The
@@ -24,6 +25,7 @@ import structlog
 from structlog.typing import EventDict, FilteringBoundLogger, Processor, WrappedLogger
 
 from ..telemetry import add_trace_ids
+from .redact import Redactor
 
 #: Keys the runtime binds on every run logger. Sinks that carry them in fields of their own
 #: (the NATS Log entry, Loki labels) leave them out of the rendered message.
@@ -38,11 +40,14 @@ def build_logger(
     fmt: str = "auto",
     sinks: Sequence[Processor] = (),
     stream: TextIO | None = None,
+    redactor: Redactor | None = None,
 ) -> FilteringBoundLogger:
     """A bound logger writing to ``stream`` (stderr) and handing run lines to ``sinks``.
 
     ``fmt`` is ``console`` (coloured, for people), ``json`` (one object a line, for log
-    collectors) or ``auto``: console on a terminal, JSON otherwise.
+    collectors) or ``auto``: console on a terminal, JSON otherwise. ``redactor`` masks
+    secrets after the exception is formatted (a traceback can hold one) and before the
+    sinks and the renderer, so every output receives the same masked text.
     """
     output = stream if stream is not None else sys.stderr
     if fmt == "auto":
@@ -57,6 +62,7 @@ def build_logger(
         _UtcTimestamper(),
         structlog.processors.format_exc_info,
         add_trace_ids,
+        *([redactor] if redactor is not None else []),
         *sinks,
         renderer,
     ]

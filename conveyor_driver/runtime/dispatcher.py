@@ -22,6 +22,7 @@ from structlog.typing import FilteringBoundLogger
 
 from .. import outcomes, protocol, specs
 from ..context import Context
+from ..logs.redact import Redactor
 from ..logs.stdlib import run_scope
 from ..models import DecodeError, DriverMessage, decode_driver_message
 from ..outcomes import Action, Kind, Outcome
@@ -84,6 +85,8 @@ class Services:
     telemetry: Telemetry
     executor: Executor | None = None
     timeout: float | None = None
+    #: The driver's secrets, masked in its logs; ``ctx.secret`` adds a run's own to it.
+    redactor: Redactor | None = None
 
 
 class HandlerThreads(ThreadPoolExecutor):
@@ -238,6 +241,7 @@ async def _decide(
         deadline=time.monotonic() + timeout if timeout is not None else None,
         kill_grace=driver.kill_grace,
         spec=spec,
+        redactor=services.redactor,
     )
     log.debug("run started", attempt=delivery.attempt, handler=route.name)
     inflight = services.telemetry.inflight

@@ -42,6 +42,7 @@ from .ledger import RunLedger
 from .lifetime import concurrency_within, until_stopped
 from .probes import DriverState, start_probes
 from .publisher import Publisher
+from .secrets import driver_redactor, warn_too_short, watch_tokens
 from .startup import until_ready
 from .supervisor import watch_supervisor
 from .watchdog import LoopWatchdog
@@ -70,8 +71,9 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
     nats_tls = tls.ssl_context() if tls is not None else None
     concurrency = concurrency_within(settings.concurrency or driver.concurrency, settings.max_runs)
     telemetry = Telemetry()
+    redactor, too_short = driver_redactor(driver, settings)
     # The sinks report their own trouble here, outside the chain they feed.
-    console = build_logger(level=settings.log_level, fmt=settings.log_format)
+    console = build_logger(level=settings.log_level, fmt=settings.log_format, redactor=redactor)
     sink = NatsLogSink(driver.name, on_lines=telemetry.line_counter("nats"), console=console)
     sinks: list[LogSink] = [sink]
     loki: LokiSink | None = None
@@ -83,11 +85,12 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
             on_lines=telemetry.line_counter("loki"),
         )
         sinks.append(loki)
-    log = build_logger(level=settings.log_level, fmt=settings.log_format, sinks=sinks).bind(
-        driver=driver.name
-    )
+    log = build_logger(
+        level=settings.log_level, fmt=settings.log_format, sinks=sinks, redactor=redactor
+    ).bind(driver=driver.name)
     if settings.worker_index is not None:
         log = log.bind(worker=settings.worker_index)
+    warn_too_short(log, too_short)
     state = DriverState(blocked_after=driver.ack_wait / 2)
     async with contextlib.AsyncExitStack() as stack:
         if settings.http_port is not None:
@@ -143,6 +146,8 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
         stack.push_async_callback(api.close)
         if driver.apply_definitions or settings.apply_definitions:
             await apply_definitions(driver, api, log)
+        if api.auth is not None:
+            watch_tokens(api.auth, redactor)
         executor = HandlerThreads(max_workers=concurrency, thread_name_prefix=driver.name)
         stack.callback(executor.shutdown, wait=False, cancel_futures=True)
 
@@ -150,7 +155,12 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
             nc,
             driver,
             Services(
-                log=log, api=api, executor=executor, telemetry=telemetry, timeout=settings.timeout
+                log=log,
+                api=api,
+                executor=executor,
+                telemetry=telemetry,
+                timeout=settings.timeout,
+                redactor=redactor,
             ),
             concurrency=concurrency,
             log=log,

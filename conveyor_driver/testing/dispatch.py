@@ -10,6 +10,7 @@ import attrs
 from .. import protocol
 from ..api import ConveyorClient
 from ..app import Driver
+from ..logs.redact import Redactor
 from ..models import DriverMessage, Resource, encode_driver_message
 from ..outcomes import Action, Kind, Result
 from ..runtime.dispatcher import Delivery, Services, process
@@ -62,10 +63,12 @@ async def dispatch(
         event=event, payload=res, run_id=run_id or str(uuid.uuid4()), id=str(uuid.uuid4())
     )
     recorder = LogRecorder()
+    redactor = Redactor(driver.secrets)
     services = Services(
-        log=recorder.logger().bind(driver=driver.name),
+        log=recorder.logger(redactor).bind(driver=driver.name),
         api=api if api is not None else FakeConveyorClient(),
         telemetry=Telemetry(),
+        redactor=redactor,
     )
     delivery = Delivery(
         data=encode_driver_message(message),

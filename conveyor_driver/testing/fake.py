@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn, cast
 
 import attrs
@@ -14,6 +14,7 @@ from structlog.typing import EventDict, FilteringBoundLogger, WrappedLogger
 from .. import protocol, specs
 from ..api import ConveyorClient
 from ..context import Context, S
+from ..logs.redact import Redactor
 from ..models import DriverResult, Resource, resource_from_json, with_driver_result
 from ..outcomes import Result
 from .fake_api import FakeConveyorClient
@@ -34,11 +35,11 @@ class LogRecorder(LogCapture):
         finally:
             event_dict["level"] = event_dict.pop("log_level")
 
-    def logger(self) -> FilteringBoundLogger:
-        """A debug-level logger feeding this recorder and nothing else."""
+    def logger(self, redactor: Redactor | None = None) -> FilteringBoundLogger:
+        """A debug-level logger feeding this recorder (through ``redactor``, if given)."""
         logger: FilteringBoundLogger = structlog.wrap_logger(
             None,
-            processors=[self],
+            processors=[redactor, self] if redactor is not None else [self],
             wrapper_class=structlog.make_filtering_bound_logger(0),
         )
         return logger
@@ -60,7 +61,8 @@ def as_resource(resource: Resource | dict[str, Any]) -> Resource:
 class FakeContext(Context[S]):
     """A Context for calling a handler directly in a test; ``ctx.logs`` holds its lines.
 
-    ``ctx.api`` is a :class:`FakeConveyorClient` unless another client is given.
+    ``ctx.api`` is a :class:`FakeConveyorClient` unless another client is given. The lines
+    are masked as the driver's are: ``secrets`` and what ``ctx.secret`` registers.
     ``upstream`` maps earlier steps' drivers to their results (a ``Result``, or a dict
     with ``success``, ``message`` and ``data``): they are stored on the resource as the
     pipeline engine stores them, so ``ctx.upstream`` reads them as it would in production.
@@ -83,6 +85,7 @@ class FakeContext(Context[S]):
         driver: str = "test-driver",
         upstream: UpstreamResults | None = None,
         spec: type[S] | None = None,
+        secrets: Sequence[str] = (),
     ) -> None:
         given = resource.spec if isinstance(resource, Resource) else resource.get("spec")
         if spec is None and specs.is_spec_class(type(given)):
@@ -91,7 +94,8 @@ class FakeContext(Context[S]):
         typed = specs.structure(res.spec, spec) if spec is not None else res.spec
         run = run_id or str(uuid.uuid4())
         recorder = LogRecorder()
-        log = recorder.logger().bind(
+        redactor = Redactor(secrets)
+        log = recorder.logger(redactor).bind(
             driver=driver,
             run_id=run,
             event_name=event,
@@ -110,6 +114,7 @@ class FakeContext(Context[S]):
             api=api if api is not None else FakeConveyorClient(),
             logs=recorder.entries,
             spec=typed,
+            redactor=redactor,
         )
 
 
