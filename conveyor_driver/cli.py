@@ -68,6 +68,8 @@ _RUN = (
     "timeout",
     "max_runs",
     "exit_when_idle",
+    "workspace_root",
+    "keep_failed_workspaces",
     *_LOKI,
     *_TLS,
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -46,6 +47,8 @@ async def dispatch(
     run_id: str | None = None,
     api: ConveyorClient | None = None,
     addressed: bool | None = None,
+    workspace_root: Path | None = None,
+    keep_failed_workspaces: bool = False,
 ) -> DispatchReport:
     """Encode the event as the server would and run it through the real dispatcher.
 
@@ -53,7 +56,8 @@ async def dispatch(
     error). ``addressed`` says whether the event comes as a pipeline step addressed to this
     driver (``drivers.<driver>.resources.<type>``) or as a broadcast (``resources.<type>``);
     by default a ``process`` event is a step and any other event a broadcast, as the
-    server sends them.
+    server sends them. ``workspace_root`` and ``keep_failed_workspaces`` are the
+    ``--workspace-root`` and ``--keep-failed-workspaces`` settings.
     """
     res = as_resource(resource)
     message = DriverMessage(
@@ -64,6 +68,8 @@ async def dispatch(
         log=recorder.logger().bind(driver=driver.name),
         api=api if api is not None else FakeConveyorClient(),
         telemetry=Telemetry(),
+        workspace_root=workspace_root,
+        keep_failed_workspaces=keep_failed_workspaces,
     )
     delivery = Delivery(
         data=encode_driver_message(message),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import uuid
+import weakref
+from pathlib import Path
 from typing import Any, NoReturn
 
 import attrs
@@ -14,6 +16,7 @@ from .. import protocol
 from ..api import ConveyorClient
 from ..context import Context
 from ..models import Resource, resource_from_json
+from ..workspace import RunWorkspace
 from .fake_api import FakeConveyorClient
 
 
@@ -52,6 +55,8 @@ class FakeContext(Context):
     """A Context for calling a handler directly in a test; ``ctx.logs`` holds its lines.
 
     ``ctx.api`` is a :class:`FakeConveyorClient` unless another client is given.
+    ``ctx.workspace`` is made on first use under ``workspace_root`` (default: the system's
+    temporary directory) and removed when the context is garbage-collected, or at exit.
     """
 
     logs: list[dict[str, Any]] = attrs.field(factory=list, repr=False)
@@ -64,10 +69,12 @@ class FakeContext(Context):
         attempt: int = 1,
         api: ConveyorClient | None = None,
         driver: str = "test-driver",
+        workspace_root: Path | None = None,
     ) -> None:
         res = as_resource(resource)
         run = run_id or str(uuid.uuid4())
         recorder = LogRecorder()
+        workspace = RunWorkspace(workspace_root, driver)
         log = recorder.logger().bind(
             driver=driver,
             run_id=run,
@@ -86,4 +93,6 @@ class FakeContext(Context):
             log=log,
             api=api if api is not None else FakeConveyorClient(),
             logs=recorder.entries,
+            run_workspace=workspace,
         )
+        weakref.finalize(self, workspace.remove)
