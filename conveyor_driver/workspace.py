@@ -32,7 +32,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from structlog.typing import FilteringBoundLogger
 
@@ -54,17 +54,19 @@ def default_root() -> Path:
 class RunWorkspace:
     """One run's workspace: nothing on disk until :meth:`path` is first called.
 
-    Thread-safe: a sync handler asks for it from its thread. After :meth:`remove` it
-    refuses to make a new one: a run that has ended has no workspace.
+    Thread-safe: a sync handler asks for it from its thread. Once the run has ended
+    (:meth:`end`) it refuses to make one: a run that has ended has no workspace.
     """
 
+    __slots__ = ("_closed", "_lock", "_orphaned", "_top", "_users", "driver", "root")
+
     def __init__(self, root: Path | None, driver: str) -> None:
-        self.root = root if root is not None else default_root()
+        self.root = root
         self.driver = driver
         self._lock = threading.Lock()
         self._top: Path | None = None
         self._closed = False
-        self._users = 0  # sync handlers running in a thread, which cannot be stopped
+        self._users = 0  # threads running a sync handler of this run, which cannot be stopped
         self._orphaned = False
 
     @property
@@ -79,7 +81,11 @@ class RunWorkspace:
             if self._top is None:
                 if self._closed:
                     raise RuntimeError("this run has ended: its workspace is gone")
-                self._top = _make(self.root, self.driver)
+                # Made under the lock: a run that ends meanwhile (an abandoned thread)
+                # then either knows of the directory or never gets one.
+                self._top = _make(
+                    self.root if self.root is not None else default_root(), self.driver
+                )
             return self._top / _WORK
 
     def remove(self) -> None:
@@ -96,50 +102,49 @@ class RunWorkspace:
             self._users += 1
 
     def leave(self) -> None:
-        """That thread is done: the last one out removes an orphaned workspace."""
+        """That thread is done: the last one out removes a workspace the run left to it."""
         with self._lock:
             self._users -= 1
             last = self._users == 0 and self._orphaned
         if last:
             self.remove()
 
-    def orphan(self) -> bool:
-        """The run ended while a thread still works here: it removes the workspace."""
-        with self._lock:
-            self._orphaned = self._users > 0
-            return self._orphaned
-
-    def close(self) -> Path | None:
-        """End the run but keep the directory; returns it (None if it was never made)."""
+    def end(self, *, keep: bool) -> Ending | None:
+        """The run is over: what becomes of its workspace (None: it never made one)."""
         with self._lock:
             self._closed = True
-            return self.created
+            if self._top is None:
+                return None
+            where = self._top / _WORK
+            if keep:
+                return Ending(where, KEPT)
+            if self._users:
+                self._orphaned = True
+                return Ending(where, LEFT_TO_THREAD)
+            return Ending(where, REMOVE)
 
 
-async def finish(
-    workspace: RunWorkspace, *, failed: bool, keep_failed: bool, log: FilteringBoundLogger
-) -> None:
-    """What happens to a run's workspace once its outcome is decided.
+KEPT, LEFT_TO_THREAD, REMOVE = "kept", "left to its thread", "remove"
 
-    Costs nothing (not even an await) when the run never made one.
-    """
-    where = workspace.created
-    if where is None:
-        workspace.close()
-        return
-    if failed and keep_failed:
-        workspace.close()
-        log.warning("workspace kept: the run failed", workspace=str(where))
-        return
-    if workspace.orphan():
-        log.info(
-            "workspace removed when the abandoned handler returns",
-            workspace=str(where),
-        )
-        return
-    # Shielded: a second cancellation must not leave the directory half deleted.
-    await asyncio.shield(asyncio.to_thread(workspace.remove))
-    log.debug("workspace removed", workspace=str(where))
+
+class Ending(NamedTuple):
+    """What :meth:`RunWorkspace.end` leaves :func:`finish` to do, outside its lock."""
+
+    where: Path
+    what: str
+
+
+async def finish(workspace: RunWorkspace, ending: Ending, log: FilteringBoundLogger) -> None:
+    """Remove, keep or leave the workspace of a run that has ended, and log it."""
+    where = str(ending.where)
+    if ending.what == KEPT:
+        log.warning("workspace kept: the run failed", workspace=where)
+    elif ending.what == LEFT_TO_THREAD:
+        log.info("workspace removed when the abandoned handler returns", workspace=where)
+    else:
+        # Shielded: a second cancellation must not leave the directory half deleted.
+        await asyncio.shield(asyncio.to_thread(workspace.remove))
+        log.debug("workspace removed", workspace=where)
 
 
 def _make(root: Path, driver: str) -> Path:

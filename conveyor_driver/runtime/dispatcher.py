@@ -238,12 +238,10 @@ async def _decide(
         return processed, error
     finally:
         # Also on timeout and cancellation: the run has ended either way.
-        await finish(
-            ctx.run_workspace,
-            failed=not succeeded,
-            keep_failed=services.keep_failed_workspaces,
-            log=log,
-        )
+        workspace = ctx.run_workspace
+        ending = workspace.end(keep=not succeeded and services.keep_failed_workspaces)
+        if ending is not None:  # an await only for a run that made one
+            await finish(workspace, ending, log)
 
 
 async def _run(
