@@ -148,6 +148,7 @@ async def finish(workspace: RunWorkspace, ending: Ending, log: FilteringBoundLog
 
 
 def _make(root: Path, driver: str) -> Path:
+    root = root.absolute()  # ctx.workspace stays valid whatever directory a handler is in
     root.mkdir(parents=True, exist_ok=True)
     top = Path(tempfile.mkdtemp(prefix=f"{_prefix(driver)}{os.getpid()}-", dir=root))
     owner = {

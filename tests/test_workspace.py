@@ -215,6 +215,17 @@ async def test_a_run_that_ended_has_no_workspace_to_make(tmp_path: Path) -> None
     assert _leftovers(tmp_path) == []
 
 
+def test_a_relative_root_gives_an_absolute_workspace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    workspace = RunWorkspace(Path("builds"), "relative")
+    made = workspace.path()
+    assert made.is_absolute() and made.is_relative_to(tmp_path / "builds")
+    workspace.remove()
+    assert _leftovers(tmp_path / "builds") == []
+
+
 def test_a_fake_context_has_a_workspace_too(tmp_path: Path) -> None:
     ctx = FakeContext(RESOURCE, workspace_root=tmp_path)
     (ctx.workspace / "file").write_text("x")
