@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -274,6 +275,29 @@ def test_the_sweep_removes_only_this_drivers_workspaces_whose_process_is_gone(
     assert sorted(removed) == sorted([dead, reused])
     for path in (live, other_driver, lookalike, unrelated):
         assert path.exists(), path
+
+
+def test_the_sweep_counts_a_zombie_as_gone_and_ignores_what_is_not_a_directory(
+    tmp_path: Path,
+) -> None:
+    zombie = subprocess.Popen(["true"])  # exited, never reaped: what a PID 1 may leave
+    try:
+        stat_file = Path(f"/proc/{zombie.pid}/stat")
+        deadline = time.monotonic() + 60
+        while stat_file.read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the child never exited"
+            time.sleep(0.01)
+        left = _forge(tmp_path, "builder", pid=zombie.pid)
+        (tmp_path / "conveyor-ws-builder-1-file").write_text("not a workspace")
+        (tmp_path / "conveyor-ws-builder-1-link").symlink_to(left)
+        removed, failed = sweep(tmp_path, "builder")
+    finally:
+        zombie.wait()
+    assert (removed, failed) == ([left], [])
+    assert sorted(_leftovers(tmp_path)) == [
+        "conveyor-ws-builder-1-file",
+        "conveyor-ws-builder-1-link",
+    ]
 
 
 def test_the_sweep_judges_other_hosts_and_ownerless_ones_by_age(tmp_path: Path) -> None:
