@@ -284,10 +284,11 @@ def test_the_sweep_counts_a_zombie_as_gone_and_ignores_what_is_not_a_directory(
     try:
         stat_file = Path(f"/proc/{zombie.pid}/stat")
         deadline = time.monotonic() + 60
-        while stat_file.read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        while (fields := stat_file.read_text().rsplit(")", 1)[1].split())[0] != "Z":
             assert time.monotonic() < deadline, "the child never exited"
             time.sleep(0.01)
-        left = _forge(tmp_path, "builder", pid=zombie.pid)
+        # Its own start time: only its being a zombie tells that it is gone.
+        left = _forge(tmp_path, "builder", pid=zombie.pid, started=fields[19])
         (tmp_path / "conveyor-ws-builder-1-file").write_text("not a workspace")
         (tmp_path / "conveyor-ws-builder-1-link").symlink_to(left)
         removed, failed = sweep(tmp_path, "builder")
