@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_startup.py
 	$(BIN)/python bench/bench_logs.py
 	$(BIN)/python bench/bench_telemetry.py
+	$(BIN)/python bench/bench_workers.py
 
 # deploy/k8s is the manifest command's output for the example driver (tests/test_deploy.py
 # checks it is current): rewrite it after changing the command or the example. No CONVEYOR_*

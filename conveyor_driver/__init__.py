@@ -18,6 +18,8 @@ from .models import Resource
 from .outcomes import Fail, Result, Retry
 from .process import CommandResult
 from .settings import Settings
+from .specs import InvalidSpec
+from .upstream import NotFound, Upstream, UpstreamError
 
 __all__ = [
     "CommandResult",
@@ -26,10 +28,14 @@ __all__ = [
     "ConveyorDriverError",
     "Driver",
     "Fail",
+    "InvalidSpec",
+    "NotFound",
     "Resource",
     "Result",
     "Retry",
     "Route",
     "Settings",
+    "Upstream",
+    "UpstreamError",
     "__version__",
 ]

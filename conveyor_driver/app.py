@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import attrs
 
-from . import protocol
+from . import protocol, specs
 from .errors import ConfigurationError
 from .outcomes import Result
 from .process import KILL_GRACE
@@ -41,6 +41,9 @@ class Route:
     events: frozenset[str] | None
     #: Seconds one attempt may take (None: the driver's default, which may be None too).
     timeout: float | None = None
+    #: The class ``resource.spec`` is structured into before the handler is called
+    #: (:mod:`conveyor_driver.specs`); None: the handler gets the JSON as it is.
+    spec: type[Any] | None = None
 
     @property
     def name(self) -> str:
@@ -86,6 +89,7 @@ class Driver:
         timeout: float | None = None,
         kill_grace: float = KILL_GRACE,
         ledger: bool = True,
+        apply_definitions: bool = False,
     ) -> None:
         if not isinstance(name, str) or not protocol.is_subject_token(name):
             raise ConfigurationError(
@@ -112,6 +116,9 @@ class Driver:
         #: Keep the run ledger (docs/protocol.md#the-run-ledger); ``--no-ledger`` also
         #: turns it off.
         self.ledger = ledger
+        #: Create or update the ResourceDefinitions of the typed specs at start
+        #: (:mod:`conveyor_driver.definitions`); ``--apply-definitions`` also turns it on.
+        self.apply_definitions = apply_definitions
         self._routes: list[Route] = []
         self.startup_hooks: list[Hook] = []
         self.shutdown_hooks: list[Hook] = []
@@ -124,14 +131,22 @@ class Driver:
         *resource_types: str,
         events: Iterable[str] | None = None,
         timeout: float | None = None,
+        spec: type[Any] | None = None,
     ) -> Callable[[H], H]:
         """Register the decorated function for these resource types (and events).
 
         ``timeout`` bounds one attempt in seconds (default: the driver's ``timeout``): at
         the deadline an async handler is cancelled, its ``ctx.run`` commands are stopped,
         and the attempt counts as failed.
+
+        ``spec`` (an attrs class or a dataclass) types the resource's spec: it is
+        structured before the handler is called and handed over as ``ctx.spec``; a spec
+        that does not fit is a failure result naming every bad field, never retried. It
+        is also the JSON Schema of these resource types (``conveyor-driver schema``).
         """
         _check_timeout("@driver.on() timeout", timeout)
+        if spec is not None:
+            specs.check(spec)
         if not resource_types:
             raise ConfigurationError("@driver.on() needs at least one resource type")
         for resource_type in resource_types:
@@ -149,8 +164,9 @@ class Driver:
         def register(handler: H) -> H:
             if not callable(handler):
                 raise ConfigurationError(f"@driver.on() decorates a function, not {handler!r}")
-            route = Route(handler, tuple(dict.fromkeys(resource_types)), event_set, timeout)
+            route = Route(handler, tuple(dict.fromkeys(resource_types)), event_set, timeout, spec)
             for existing in self._routes:
+                _check_same_spec(route, existing)
                 if route.overlaps(existing):
                     raise ConfigurationError(
                         f"handler {route.name} clashes with {existing.name}: both would "
@@ -235,6 +251,19 @@ def _describe_overlap(a: Route, b: Route) -> str:
     else:
         what = f"event {', '.join(sorted(a.events & b.events))}"
     return f"{what} of resource type {', '.join(types)}"
+
+
+def _check_same_spec(route: Route, other: Route) -> None:
+    """One resource type, one schema: two spec classes for one type cannot both be it."""
+    if route.spec is None or other.spec is None or route.spec is other.spec:
+        return
+    shared = sorted(set(route.resource_types) & set(other.resource_types))
+    if shared:
+        raise ConfigurationError(
+            f"handler {route.name} types resource type {', '.join(shared)} with spec "
+            f"{route.spec.__qualname__}, but {other.name} with {other.spec.__qualname__}: "
+            "one resource type has one schema"
+        )
 
 
 def _check_timeout(what: str, timeout: float | None) -> None:

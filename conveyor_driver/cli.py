@@ -32,6 +32,7 @@ from .settings import (
     VARIABLES,
     Settings,
     Variable,
+    as_environment,
     command_values,
     decimal,
     path,
@@ -52,6 +53,7 @@ _RUN = (
     "nats_urls",
     "api_url",
     "concurrency",
+    "workers",
     "log_level",
     "log_format",
     "loop",
@@ -70,6 +72,7 @@ _RUN = (
     "exit_when_idle",
     "workspace_root",
     "keep_failed_workspaces",
+    "apply_definitions",
     *_LOKI,
     *_TLS,
 )
@@ -195,6 +198,11 @@ def run(app: str | None, **options: Any) -> None:
     """
     settings = _settings(options, _RUN)
     driver: Driver = load_driver(_app(app))
+    if settings.workers > 1:
+        from .runtime.supervisor import supervise
+
+        given = as_environment(_given(options, _RUN))
+        sys.exit(supervise(driver, _app(app), settings, given))
     driver.run(settings)
 
 
@@ -229,8 +237,10 @@ def routes(app: str | None) -> None:
         click.echo("  no handlers registered")
     for route in driver.routes:
         events = ", ".join(sorted(route.events)) if route.events else "*"
+        typed = f"; spec {route.spec.__qualname__}" if route.spec is not None else ""
         click.echo(
-            f"  {route.name}: resource types {', '.join(route.resource_types)}; events {events}"
+            f"  {route.name}: resource types {', '.join(route.resource_types)}; "
+            f"events {events}{typed}"
         )
         for subject in protocol.filter_subjects(driver.name, route.resource_types):
             click.echo(f"    {subject}")
@@ -407,6 +417,29 @@ def manifest(app: str | None, **options: Any) -> None:
     shape = "scaled-job" if own["scaled_job"] else "deployment"
     chosen = ManifestOptions(own["image"], port, own["prometheus_url"], shape)
     click.echo(render(load_driver(_app(app)), chosen), nl=False)
+
+
+@main.command()
+@_APP
+@_friendly_errors
+def schema(app: str | None) -> None:
+    """Print the JSON Schema of each resource type APP's handlers type with spec=."""
+    from .definitions import schemas
+
+    click.echo(orjson.dumps(schemas(load_driver(_app(app))), option=orjson.OPT_INDENT_2))
+
+
+@main.command()
+@_APP
+@_options("api_url", *_TLS)
+@_friendly_errors
+def apply(app: str | None, **options: Any) -> None:
+    """Create or update the ResourceDefinitions of APP's typed specs on the API server."""
+    from .definitions import apply_on_server
+
+    settings = _settings(options, ("api_url", *_TLS))
+    for line in _run_async(apply_on_server(load_driver(_app(app)), settings)):
+        click.echo(line)
 
 
 @main.command()

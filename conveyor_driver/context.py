@@ -6,25 +6,36 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Generic, overload
 
 import attrs
 from structlog.typing import FilteringBoundLogger
+from typing_extensions import TypeVar
 
 from .models import Resource
 from .process import KILL_GRACE, CommandResult, run_command
+from .upstream import Upstream, read_upstream
 from .workspace import RunWorkspace
 
 if TYPE_CHECKING:
     from .api import ConveyorClient
 
+DataT = TypeVar("DataT")
+#: The type of ``ctx.spec``: the handler's ``spec=`` class; ``Any`` (the JSON) without one,
+#: so a bare ``Context`` annotation keeps meaning what it always did.
+S = TypeVar("S", default=Any)
+
 
 @attrs.define(frozen=True)
-class Context:
+class Context(Generic[S]):
     """Everything a handler needs about one delivery, handed in rather than imported.
 
     Handlers take their logger and API client from here, never from globals, so a test
     can hand them a :class:`~conveyor_driver.testing.FakeContext` instead.
+
+    ``Context[BuildSpec]`` is the context of a handler registered with ``spec=BuildSpec``:
+    ``ctx.spec`` is the resource's spec structured into that class, and type checkers know
+    it. A plain ``Context`` has ``ctx.spec`` as the JSON (``ctx.resource.spec``).
     """
 
     driver: str
@@ -41,6 +52,14 @@ class Context:
     deadline: float | None = None
     #: Seconds a stopped ``ctx.run`` command gets between SIGTERM and SIGKILL.
     kill_grace: float = attrs.field(default=KILL_GRACE, repr=False)
+    #: The resource's spec: an instance of the handler's ``spec=`` class, structured and
+    #: checked before the handler was called; without ``spec=``, ``resource.spec`` as sent.
+    spec: S = attrs.field(repr=False)
+
+    @spec.default
+    def _json_spec(self) -> Any:
+        return self.resource.spec
+
     #: The run's directory, made on first use of :attr:`workspace` (:mod:`.workspace`).
     run_workspace: RunWorkspace = attrs.field(
         default=attrs.Factory(lambda self: RunWorkspace(None, self.driver), takes_self=True),
@@ -91,3 +110,18 @@ class Context:
             check=check,
             kill_grace=self.kill_grace,
         )
+
+    @overload
+    async def upstream(self, driver: str, *, data: None = None) -> Upstream[Any]: ...
+
+    @overload
+    async def upstream(self, driver: str, *, data: type[DataT]) -> Upstream[DataT]: ...
+
+    async def upstream(self, driver: str, *, data: type[Any] | None = None) -> Upstream[Any]:
+        """The result an earlier step's ``driver`` reported for this resource.
+
+        Read from the payload, where the pipeline engine stores it, or else from the API
+        server; ``data=SomeClass`` structures its data. Raises ``NotFound`` when there is
+        none (see :mod:`conveyor_driver.upstream`).
+        """
+        return await read_upstream(self.resource, driver, self.api, data)

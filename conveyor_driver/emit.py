@@ -23,6 +23,7 @@ from .models import (
     Resource,
     decode_pipeline_event,
     encode_driver_message,
+    with_driver_result,
 )
 
 
@@ -141,6 +142,22 @@ async def emit_event(
     return message
 
 
+async def emit_next_step(nc: Client, result: PipelineEvent, driver: str) -> DriverMessage:
+    """Hand a step's result on to the next step, as the server's pipeline engine does.
+
+    The engine stores the result on the resource (``metadata["driverresults.<driver>"]``)
+    and publishes the updated resource as a ``process`` event of the same run to the next
+    step's driver. It does so only after a success: so should a caller playing its role.
+    """
+    return await emit_event(
+        nc,
+        with_driver_result(result.resource, result.driverresult),
+        event=protocol.PROCESS_EVENT,
+        driver=driver,
+        run_id=result.run_id,
+    )
+
+
 class ResultWatch:
     """Result events seen on a core subscription, looked up by run id."""
 
@@ -160,11 +177,19 @@ class ResultWatch:
     def count(self) -> int:
         return sum(len(events) for events in self._seen.values())
 
-    async def wait(self, run_id: str, timeout: float) -> PipelineEvent:
-        """The first result of ``run_id``; TimeoutError when none comes in time."""
+    async def wait(
+        self, run_id: str, timeout: float, *, driver: str | None = None
+    ) -> PipelineEvent:
+        """The first result of ``run_id`` (reported by ``driver``, when given: every step of
+        a pipeline reports under the same run id); TimeoutError when none comes in time.
+        """
+
+        def matching() -> list[PipelineEvent]:
+            events = self._seen.get(run_id, [])
+            return [e for e in events if driver is None or e.driverresult.driver == driver]
+
         async with self._changed:
-            await asyncio.wait_for(self._changed.wait_for(lambda: run_id in self._seen), timeout)
-            return self._seen[run_id][0]
+            return (await asyncio.wait_for(self._changed.wait_for(matching), timeout))[0]
 
 
 @asynccontextmanager

@@ -5,12 +5,13 @@ An autoscaler needs the backlog and an operator the run counts whether or not th
 dependency of its own: small, pure Python, and what the SDK's Prometheus exporter renders
 through anyway). Each series has exactly one source in a process, so none appears twice:
 
-- with the SDK's meter provider installed when a driver starts, :class:`Telemetry` records
-  ``conveyor.driver.runs`` on the SDK and registers the backlog gauges as OpenTelemetry
-  observable gauges reading :data:`BACKLOGS` (then OTLP carries them too); the SDK's
-  Prometheus reader names them ``conveyor_driver_runs_total``, ``conveyor_driver_backlog``...
-- otherwise each driver counts its runs in a tally of :data:`RUNS`, and the collector here
-  renders them and the backlog under exactly those names.
+- each driver counts its runs in a tally of :data:`RUNS` (a dictionary add: no lock, no
+  SDK call per run);
+- with the SDK's meter provider installed when a driver starts, :class:`Telemetry`
+  registers OpenTelemetry observable instruments reading :data:`RUNS` and
+  :data:`BACKLOGS` at collection time (then OTLP carries them too); the SDK's Prometheus
+  reader names them ``conveyor_driver_runs_total``, ``conveyor_driver_backlog``...
+- otherwise the collector here renders them under exactly those names.
 
 The collector renders a family only while the SDK does not have it.
 
@@ -117,7 +118,7 @@ class _Backlogs:
         return found
 
 
-class _Tally:
+class Tally:
     """One driver's run counts, shaped like an OpenTelemetry counter (``add``).
 
     A driver counts on its own event loop, so one thread writes a tally and no lock is
@@ -141,12 +142,14 @@ class _RunCounts:
     """
 
     def __init__(self) -> None:
-        self._tallies: list[_Tally] = []
+        self._tallies: list[Tally] = []
         self._lock = threading.Lock()
+        #: Set once the SDK observes the counts: then it renders them, not the collector.
+        self.via_otel = False
 
-    def tally(self) -> _Tally:
+    def tally(self) -> Tally:
         """A new driver's counts, summed from now on."""
-        tally = _Tally()
+        tally = Tally()
         with self._lock:
             self._tallies.append(tally)
         return tally
@@ -154,11 +157,16 @@ class _RunCounts:
     def snapshot(self) -> dict[str, int]:
         with self._lock:
             tallies = list(self._tallies)
-        total: dict[str, int] = {}
-        for tally in tallies:
-            for outcome, count in tally.counts.copy().items():
-                total[outcome] = total.get(outcome, 0) + count
-        return total
+        return sum_tallies(tallies)
+
+
+def sum_tallies(tallies: list[Tally]) -> dict[str, int]:
+    """Run counts by outcome over ``tallies`` (safe beside the drivers that count)."""
+    total: dict[str, int] = {}
+    for tally in list(tallies):
+        for outcome, count in tally.counts.copy().items():
+            total[outcome] = total.get(outcome, 0) + count
+    return total
 
 
 BACKLOGS = _Backlogs()
@@ -180,7 +188,7 @@ class _Collector:
             for labels, values in readings:
                 gauge.add_metric((labels["consumer"], labels["stream"]), values[which])
             yield gauge
-        counts = RUNS.snapshot()
+        counts = {} if RUNS.via_otel else RUNS.snapshot()
         if counts:
             runs = CounterMetricFamily(
                 prometheus_name(RUNS_NAME), RUNS_DESCRIPTION, labels=("outcome",)

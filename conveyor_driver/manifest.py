@@ -173,39 +173,18 @@ class _Parts:
                 },
             },
         ]
+        # Both serve /healthz (alive while the loop turns) and /readyz; the exporter is
+        # ready once connected and watching the consumer.
+        container["livenessProbe"] = _probe("/healthz", failures=3, delay=0 if lag else 10)
         if lag:
-            # The exporter serves the driver's probes too: alive while its loop turns,
-            # ready once it is connected and watching the consumer.
-            container["livenessProbe"] = {
-                "httpGet": {"path": "/healthz", "port": "http"},
-                "periodSeconds": 10,
-                "timeoutSeconds": 5,
-                "failureThreshold": 3,
-            }
-            container["readinessProbe"] = {
-                "httpGet": {"path": "/readyz", "port": "http"},
-                "periodSeconds": 10,
-                "timeoutSeconds": 5,
-            }
+            container["readinessProbe"] = _probe("/readyz", period=10)
             container["resources"] = {
                 "requests": {"cpu": "20m", "memory": "96Mi"},
                 "limits": {"memory": "192Mi"},
             }
         else:
-            container["livenessProbe"] = {
-                "httpGet": {"path": "/healthz", "port": "http"},
-                "initialDelaySeconds": 10,
-                "periodSeconds": 10,
-                "timeoutSeconds": 5,
-                "failureThreshold": 3,
-            }
             if readiness:
-                container["readinessProbe"] = {
-                    "httpGet": {"path": "/readyz", "port": "http"},
-                    "periodSeconds": 5,
-                    "timeoutSeconds": 5,
-                    "failureThreshold": 2,
-                }
+                container["readinessProbe"] = _probe("/readyz", period=5, failures=2)
             # No CPU limit, on purpose: a throttled event loop misses its in-progress acks.
             container["resources"] = {
                 "requests": {"cpu": "500m", "memory": "256Mi"},
@@ -364,3 +343,15 @@ class _Parts:
                 "triggers": self._trigger(1),
             },
         }
+
+
+def _probe(path: str, *, period: int = 10, failures: int = 0, delay: int = 0) -> dict[str, Any]:
+    """An HTTP probe on the container's ``http`` port (Kubernetes' defaults where 0)."""
+    probe: dict[str, Any] = {"httpGet": {"path": path, "port": "http"}}
+    if delay:
+        probe["initialDelaySeconds"] = delay
+    probe["periodSeconds"] = period
+    probe["timeoutSeconds"] = 5
+    if failures:
+        probe["failureThreshold"] = failures
+    return probe

@@ -219,6 +219,54 @@ def decode_pipeline_event(data: bytes) -> PipelineEvent:
         raise DecodeError(f"not a result event: {_reason(exc)}") from exc
 
 
+def encode_stored_result(result: DriverResult) -> str:
+    """A result as the server stores it in ``metadata["driverresults.<driver>"]``.
+
+    The engine marshals the whole ``driverresult`` it received into one JSON string
+    (``SaveDriverResult``), since metadata values are strings.
+    """
+    return orjson.dumps(
+        {
+            "success": result.success,
+            "message": result.message,
+            "data": result.data,
+            "driver": result.driver,
+        }
+    ).decode()
+
+
+def decode_stored_result(text: str, driver: str) -> DriverResult:
+    """Read back a result stored by the server; DecodeError with a one-line reason.
+
+    ``driver`` fills in the name when the stored object lacks it (the ``DriverResult`` of
+    ``pkg/types`` has no such field), so a result always says whose it is.
+    """
+    try:
+        body = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise DecodeError(f"not JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise DecodeError(f"a JSON {type(body).__name__}, not a result object")
+    success, message = body.get("success"), body.get("message", "")
+    if not isinstance(success, bool):
+        raise DecodeError("'success' is missing or not a boolean")
+    if not isinstance(message, str):
+        raise DecodeError("'message' is not a string")
+    name = body.get("driver")
+    return DriverResult(
+        success=success,
+        message=message,
+        data=body.get("data"),
+        driver=name if isinstance(name, str) and name else driver,
+    )
+
+
+def with_driver_result(resource: Resource, result: DriverResult) -> Resource:
+    """The resource as the engine forwards it once it has stored ``result`` on it."""
+    key = protocol.driver_result_key(result.driver)
+    return attrs.evolve(resource, metadata={**resource.metadata, key: encode_stored_result(result)})
+
+
 def json_problem(value: Any, path: str = "data") -> str | None:
     """Why ``value`` cannot travel as JSON, naming the first bad value's path; None if it can.
 

@@ -22,6 +22,8 @@ LOGS_STREAM = "logs-engine"
 
 RESULT_SUBJECT = "pipelines.driver.result"
 RESULT_EVENT = "driver.result"
+#: The event of a pipeline step the engine forwards after the step before it succeeded.
+PROCESS_EVENT = "process"
 
 #: JetStream de-duplicates on this header within the stream's window, so re-publishing the
 #: result of the same delivery (after a lost ack or a publish retry) is stored only once
@@ -63,6 +65,15 @@ def resource_type_from_subject(subject: str) -> str | None:
     if len(tokens) == 4 and tokens[0] == "drivers" and tokens[2] == "resources":
         return tokens[3]
     return None
+
+
+def driver_result_key(driver: str) -> str:
+    """The resource metadata key under which the server keeps ``driver``'s last result.
+
+    The pipeline engine stores every result it receives there (``SaveDriverResult``)
+    before it forwards the resource to the next step: it is how one step hands data on.
+    """
+    return f"driverresults.{driver}"
 
 
 def is_addressed(subject: str) -> bool:

@@ -34,6 +34,7 @@ from .variables import (
     NATS_SCHEMES,
     VARIABLES,
     Variable,
+    as_environment,
     command_values,
     decimal,
     parse_value,
@@ -50,6 +51,7 @@ __all__ = [
     "VARIABLES",
     "Settings",
     "Variable",
+    "as_environment",
     "command_values",
     "decimal",
     "parse_labels",
@@ -82,6 +84,12 @@ class Settings:
         ),
     )
     concurrency: int | None = attrs.field(default=None, validator=validation.number(int, minimum=1))
+    #: Processes ``conveyor-driver run`` starts (runtime/supervisor.py); one serves in place.
+    workers: int = attrs.field(default=1, validator=validation.number(int, minimum=1))
+    #: Which worker this process is, when a supervisor started it (None: no supervisor).
+    worker_index: int | None = attrs.field(
+        default=None, validator=validation.number(int, minimum=0)
+    )
     log_level: str = attrs.field(default="info", validator=validation.one_of(LOG_LEVELS))
     log_format: str = attrs.field(default="auto", validator=validation.one_of(LOG_FORMATS))
     #: ``auto`` runs uvloop when it is installed (:mod:`conveyor_driver.loops`).
@@ -119,6 +127,8 @@ class Settings:
         default=None, converter=attrs.converters.optional(Path)
     )
     keep_failed_workspaces: bool = False
+    #: Apply the typed specs' ResourceDefinitions at start, as ``Driver(apply_definitions=True)``.
+    apply_definitions: bool = False
     #: The driver's identity on a secured Conveyor (``docs/protocol.md#authentication``): a PEM
     #: certificate chain (leaf first), its private key, and the operator's CA.
     tls_cert: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))

@@ -87,6 +87,12 @@ class _InflightGauge:
 _INFLIGHT = _InflightGauge()
 
 
+#: The run tallies the SDK observes, per meter provider.
+_SDK_TALLIES: weakref.WeakKeyDictionary[object, list[exposition.Tally]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 class _Adds(Protocol):
     """A counter: the SDK's, or a tally of :data:`exposition.RUNS` without it."""
 
@@ -115,14 +121,13 @@ class Telemetry:
         )
         #: Whether the SDK records the metrics; /metrics renders the essentials without it.
         self.sdk_metrics = _meter_provider_installed()
-        self.runs: _Adds
+        # Counted in a plain tally either way, and handed to the SDK at collection time:
+        # a counter's add() would be the costliest thing a run does besides its span.
+        tally = exposition.RUNS.tally()
+        self.runs: _Adds = tally
         if self.sdk_metrics:
-            self.runs = self._meter.create_counter(
-                exposition.RUNS_NAME, unit="{run}", description=exposition.RUNS_DESCRIPTION
-            )
+            self._observe_runs(tally)
             self._backlog_gauges()
-        else:
-            self.runs = exposition.RUNS.tally()
         self.inflight = _INFLIGHT.count()
         self._meter.create_observable_up_down_counter(
             "conveyor.driver.inflight",
@@ -152,6 +157,33 @@ class Telemetry:
             unit="{thread}",
             description="Sync handlers left running past their deadline",
         )
+
+    def _observe_runs(self, tally: exposition.Tally) -> None:
+        """Hand ``tally`` to the SDK's run counter, made once per meter provider.
+
+        The provider's first driver registers the instrument (later registrations' callbacks
+        are dropped); its callback sums the tallies of every driver started under that
+        provider, and of no other.
+        """
+        provider = metrics.get_meter_provider()
+        tallies = _SDK_TALLIES.get(provider)
+        if tallies is None:
+            tallies = _SDK_TALLIES[provider] = []
+
+            def observe(_options: CallbackOptions) -> Iterable[Observation]:
+                return [
+                    Observation(count, {"outcome": outcome})
+                    for outcome, count in exposition.sum_tallies(tallies).items()
+                ]
+
+            self._meter.create_observable_counter(
+                exposition.RUNS_NAME,
+                callbacks=[observe],
+                unit="{run}",
+                description=exposition.RUNS_DESCRIPTION,
+            )
+        tallies.append(tally)
+        exposition.RUNS.via_otel = True
 
     def _backlog_gauges(self) -> None:
         """The consumers' backlogs, on the SDK: OTLP carries them, /metrics renders them."""

@@ -113,6 +113,21 @@ VARIABLES: tuple[Variable, ...] = (
         "Handlers running at once (default: the Driver's).",
     ),
     Variable(
+        "CONVEYOR_WORKERS",
+        "workers",
+        "--workers",
+        whole,
+        "Worker processes, each with its own connection and event loop (one per core).",
+        "1",
+    ),
+    Variable(
+        "CONVEYOR_WORKER_INDEX",
+        "worker_index",
+        "--worker-index",
+        whole,
+        "Set by --workers in each worker process: its number, bound to its log lines.",
+    ),
+    Variable(
         "CONVEYOR_LOG_LEVEL",
         "log_level",
         "--log-level",
@@ -259,6 +274,14 @@ VARIABLES: tuple[Variable, ...] = (
         "--keep-failed-workspaces",
         boolean,
         "Keep the workspace of a failed run for inspection; its log says where.",
+        kind="flag",
+    ),
+    Variable(
+        "CONVEYOR_APPLY_DEFINITIONS",
+        "apply_definitions",
+        "--apply-definitions",
+        boolean,
+        "At start, create or update the ResourceDefinitions of the handlers' spec= classes.",
         kind="flag",
     ),
     Variable("CONVEYOR_LOKI_URL", "loki_url", "--loki-url", text, "Grafana Loki base URL."),
@@ -416,6 +439,25 @@ COMMAND_VARIABLES: dict[str, tuple[Variable, ...]] = {
         ),
     ),
 }
+
+
+def as_environment(given: Mapping[str, Any]) -> dict[str, str]:
+    """The ``CONVEYOR_*`` variables that say what these command-line values say.
+
+    ``--workers`` hands its worker processes the options it was given this way, so that
+    each worker reads them through this table and its parsers, as the parent did.
+    """
+    by_key = {variable.key: variable for variable in VARIABLES}
+    env: dict[str, str] = {}
+    for key, value in given.items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            value = "on" if value else "off"
+        elif isinstance(value, tuple | list):
+            value = " ".join(map(str, value))  # a repeatable option: space-separated
+        env[by_key[key].name] = str(value)
+    return env
 
 
 def read_environment(

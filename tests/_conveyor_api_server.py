@@ -40,6 +40,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID
+from jsonschema import Draft202012Validator
+from jsonschema.validators import validator_for
 
 SWAGGER_FILE = Path(__file__).resolve().parent / "data" / "api-swagger.json"
 
@@ -419,6 +421,8 @@ class ConveyorAPIServer:
         self.pipelines: dict[str, dict[str, Any]] = {}
         self.logs: list[dict[str, Any]] = []
         self.broadcasts: list[dict[str, Any]] = []
+        #: The problems of each resource refused by its definition's schema.
+        self.refused_specs: list[list[str]] = []
         self.heartbeats_sent = 0
         self.streams_open = 0
         self.streams_closed_by_client = 0
@@ -459,7 +463,8 @@ class ConveyorAPIServer:
             "name": name,
             "description": "",
             "version": "1",
-            "schema": schema if schema is not None else {"type": "object"},
+            # {} accepts every spec (null included), as a definition written to type nothing.
+            "schema": schema if schema is not None else {},
         }
 
     def publish(self, entry: dict[str, Any]) -> None:
@@ -608,6 +613,9 @@ class ConveyorAPIServer:
             return _json(400, {"error": "Resource type is required"})
         if kind not in self.definitions:
             return _json(404, {"error": f"Resource definition for type {kind} not found"})
+        invalid = self._invalid_spec(kind, body)
+        if invalid is not None:
+            return invalid
         if (kind, name) in self.resources:
             return _json(
                 500,
@@ -631,6 +639,26 @@ class ConveyorAPIServer:
     async def _get_resources_type(self, _r: Any, params: dict[str, str], _b: Any) -> web.Response:
         kind = params["type"]
         return _json(200, [v[-1] for (k, _n), v in self.resources.items() if k == kind])
+
+    def _invalid_spec(self, kind: str, body: Any) -> web.Response | None:
+        """The server's check of a resource against its definition (``utils.ValidateResource``).
+
+        Only the spec is validated, with the definition's schema (draft 2020-12 unless the
+        schema says otherwise, as santhosh-tekuri/jsonschema v5 compiles it).
+        """
+        definition = self.definitions.get(kind)
+        schema = definition.get("schema") if definition else None
+        if schema is None:
+            return None
+        validator = validator_for(schema, default=Draft202012Validator)(schema)
+        problems = sorted(validator.iter_errors(body.get("spec")), key=str)
+        if problems:
+            self.refused_specs.append([p.message for p in problems])
+            return _json(
+                400,
+                {"error": f"Resource validation failed: validation failed: {problems[0].message}"},
+            )
+        return None
 
     def _missing(self, params: dict[str, str]) -> web.Response:
         return _json(
@@ -661,6 +689,9 @@ class ConveyorAPIServer:
         versions = self.resources.get((params["type"], params["name"]))
         if not versions:
             return self._missing(params)
+        invalid = self._invalid_spec(params["type"], body)
+        if invalid is not None:
+            return invalid
         stored = {
             **body,
             "id": versions[-1]["id"],
@@ -677,34 +708,64 @@ class ConveyorAPIServer:
         del self.resources[(params["type"], params["name"])]
         return web.Response(status=204)
 
+    # Resource definitions as internal/handlers/resource_definitions.go keeps them in etcd:
+    # an existing name is refused by create, a missing one answered 500 "... not found".
+
+    def _no_definition(self, verb: str, name: str) -> web.Response:
+        return _json(
+            500,
+            {
+                "error": f"Failed to {verb} resource definition: resource definition "
+                f"with name {name} not found"
+            },
+        )
+
     async def _post_resource_definitions(self, _r: Any, _p: Any, body: Any) -> web.Response:
+        name = body.get("name", "")
+        if name in self.definitions:
+            return _json(
+                500,
+                {
+                    "error": "Failed to insert resource definition: resource definition "
+                    f"with name {name} already exists"
+                },
+            )
         stored = {**body, "id": str(uuid.uuid4())}
-        self.definitions[body["name"]] = stored
+        self.definitions[name] = stored
         return _json(201, stored)
 
-    _post_resource_definitions_apply = _post_resource_definitions
+    async def _post_resource_definitions_apply(self, _r: Any, _p: Any, body: Any) -> web.Response:
+        name = body.get("name", "")
+        if not name:
+            return _json(400, {"error": "Resource name is required"})
+        if name in self.definitions:
+            self.definitions[name] = dict(body)  # stored as sent, id included
+            return _json(201, body)
+        # The Go handler sets the id after marshalling what it stores: only the answer has it.
+        self.definitions[name] = dict(body)
+        return _json(201, {**body, "id": str(uuid.uuid4())})
 
     async def _get_resource_definitions_name(
         self, _r: Any, params: dict[str, str], _b: Any
     ) -> web.Response:
         found = self.definitions.get(params["name"])
         if found is None:
-            return _json(
-                500,
-                {"error": f"Failed to find resource definition: {params['name']} not found"},
-            )
+            return self._no_definition("find", params["name"])
         return _json(200, found)
 
     async def _put_resource_definitions_name(
         self, _r: Any, params: dict[str, str], body: Any
     ) -> web.Response:
+        if params["name"] not in self.definitions:
+            return self._no_definition("update", params["name"])
         self.definitions[params["name"]] = body
         return _json(200, body)
 
     async def _delete_resource_definitions_name(
         self, _r: Any, params: dict[str, str], _b: Any
     ) -> web.Response:
-        self.definitions.pop(params["name"], None)
+        if self.definitions.pop(params["name"], None) is None:
+            return self._no_definition("delete", params["name"])
         return web.Response(status=204)
 
     async def _post_pipelines(self, _r: Any, _p: Any, body: Any) -> web.Response:

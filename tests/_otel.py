@@ -22,7 +22,7 @@ from typing import Any
 
 import attrs
 from opentelemetry import metrics, trace
-from opentelemetry.sdk.metrics import Counter, Histogram, MeterProvider
+from opentelemetry.sdk.metrics import Counter, Histogram, MeterProvider, ObservableCounter
 from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
     HistogramDataPoint,
@@ -137,6 +137,7 @@ def install() -> Recorder:
         reader = InMemoryMetricReader(
             preferred_temporality={
                 Counter: AggregationTemporality.DELTA,
+                ObservableCounter: AggregationTemporality.DELTA,
                 Histogram: AggregationTemporality.DELTA,
             }
         )

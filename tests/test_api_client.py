@@ -147,9 +147,9 @@ async def test_every_method_hits_a_documented_route_with_a_documented_body(
     assert (created.name, created.version) == ("app", "1") and created.runid
     assert [r.name for r in await client.list_resources("pipeline")] == ["app"]
     assert (await client.get_resource("pipeline", "app")).spec == {"repo": "r"}
-    assert (await client.update_resource(Resource(name="app", type="pipeline"))).metadata == {
-        "version": "2"
-    }
+    # spec {}: the server validates an update against the definition's schema too.
+    updated = await client.update_resource(Resource(name="app", type="pipeline", spec={}))
+    assert updated.metadata == {"version": "2"}
     assert (await client.get_resource_version("pipeline", "app", 1)).spec == {"repo": "r"}
 
     line = LogEntry(**log_line("hello"))

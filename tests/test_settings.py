@@ -46,6 +46,8 @@ class Case:
     needs: dict[str, str] = attrs.field(factory=dict)
     #: The valid value on the command line, when it is not ``option valid``.
     option_args: tuple[str, ...] | None = None
+    #: Set by the program, not the user (the supervisor's worker index): no option.
+    env_only: bool = False
 
     @property
     def args(self) -> tuple[str, ...]:
@@ -74,6 +76,18 @@ CASES = [
         invalid=("notaurl", "ftp://conveyor"),
     ),
     Case("CONVEYOR_CONCURRENCY", "--concurrency", "4", 4, lambda s: s.concurrency, ("0", "abc")),
+    # One worker serves in place; more start the supervisor (tests/test_workers.py).
+    Case("CONVEYOR_WORKERS", "--workers", "1", 1, lambda s: s.workers, ("0", "two")),
+    Case(
+        "CONVEYOR_WORKER_INDEX",
+        "--worker-index",
+        "3",
+        3,
+        lambda s: s.worker_index,
+        ("-1", "first"),
+        option_args=(),
+        env_only=True,
+    ),
     Case("CONVEYOR_LOG_LEVEL", "--log-level", "WARNING", "warning", lambda s: s.log_level, ("x",)),
     Case("CONVEYOR_LOG_FORMAT", "--log-format", "json", "json", lambda s: s.log_format, ("xml",)),
     Case("CONVEYOR_LOOP", "--loop", "ASYNCIO", "asyncio", lambda s: s.loop, ("tokio",)),
@@ -170,6 +184,15 @@ CASES = [
         30.0,
         lambda s: s.exit_when_idle,
         ("0", "-1", "soon"),
+    ),
+    Case(
+        "CONVEYOR_APPLY_DEFINITIONS",
+        "--apply-definitions",
+        "on",
+        True,
+        lambda s: s.apply_definitions,
+        ("sometimes",),
+        option_args=("--apply-definitions",),
     ),
     Case(
         "CONVEYOR_LAG_INTERVAL",
@@ -326,6 +349,8 @@ def test_every_variable_reads_the_same_everywhere(
     assert result.exit_code == 0, (result.output, result.exception)
     assert served.one == from_python
 
+    if case.env_only:
+        return
     served.settings.clear()
     result = invoke("run", WORKER, *case.args, env=case.needs)
     assert result.exit_code == 0, (result.output, result.exception)

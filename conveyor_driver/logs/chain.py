@@ -61,7 +61,10 @@ def build_logger(
         renderer,
     ]
     logger: FilteringBoundLogger = structlog.wrap_logger(
-        structlog.PrintLogger(output),
+        # One write per line (print() makes two: the text, then the newline), so that the
+        # lines of processes sharing a stream (--workers) do not run into each other even
+        # when it is unbuffered (PYTHONUNBUFFERED=1, as in deploy/Dockerfile).
+        structlog.WriteLogger(output),
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_level_number(level)),
         cache_logger_on_first_use=True,

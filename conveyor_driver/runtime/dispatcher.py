@@ -21,7 +21,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode
 from structlog.typing import FilteringBoundLogger
 
-from .. import outcomes, protocol
+from .. import outcomes, protocol, specs
 from ..context import Context
 from ..logs.stdlib import run_scope
 from ..models import DecodeError, DriverMessage, decode_driver_message
@@ -120,7 +120,7 @@ async def process(driver: Driver, delivery: Delivery, services: Services) -> Pro
         telemetry.count_run(_RUN_OUTCOMES[processed.outcome.kind])  # /metrics shows them
         if delivery.headers:  # no SDK: pass the caller's trace context through unchanged
             parent = trace.get_current_span(extract(delivery.headers)).get_span_context()
-            return attrs.evolve(processed, span_context=parent)
+            return _in_span(processed, parent)
         return processed
     message = decoded if isinstance(decoded, DriverMessage) else None
     resource_type = (
@@ -169,7 +169,12 @@ async def process(driver: Driver, delivery: Delivery, services: Services) -> Pro
     labels = {"conveyor.resource.type": resource_type, "conveyor.outcome": outcome.kind.value}
     telemetry.process_duration.record(time.perf_counter() - started, labels)
     telemetry.count_run(_RUN_OUTCOMES[outcome.kind])
-    return attrs.evolve(processed, span_context=span.get_span_context())
+    return _in_span(processed, span.get_span_context())
+
+
+def _in_span(processed: Processed, span_context: SpanContext) -> Processed:
+    """``processed`` with the span its result and logs belong to (built directly: per run)."""
+    return Processed(processed.outcome, processed.message, span_context, processed.error)
 
 
 def _decode(delivery: Delivery, log: FilteringBoundLogger) -> DriverMessage | Processed:
@@ -215,8 +220,18 @@ async def _decide(
         log.error("run gave up", attempt=delivery.attempt, reason=outcome.result)
         return Processed(outcome, message), None
 
+    spec = resource.spec
+    if route.spec is not None:
+        try:
+            spec = specs.structure(resource.spec, route.spec)
+        except specs.InvalidSpec as exc:
+            # Permanent: the same spec fails the same way on every attempt.
+            outcome = outcomes.from_exception(exc, delivery.attempt, driver.max_attempts)
+            log.warning("run failed: invalid spec", errors=exc.errors, handler=route.name)
+            return Processed(outcome, message), None
+
     timeout = _timeout_of(route, driver, services)
-    ctx = Context(
+    ctx: Context[Any] = Context(
         driver=driver.name,
         event=message.event,
         run_id=message.run_id,
@@ -229,6 +244,7 @@ async def _decide(
         deadline=time.monotonic() + timeout if timeout is not None else None,
         kill_grace=driver.kill_grace,
         run_workspace=RunWorkspace(services.workspace_root, driver.name),
+        spec=spec,
     )
     log.debug("run started", attempt=delivery.attempt, handler=route.name)
     succeeded = False

@@ -79,6 +79,18 @@ class DriverState:
         return True, "ready"
 
 
+class Checks(Protocol):
+    """What the probes answer from: one driver's state, or the workers' together."""
+
+    def health(self) -> tuple[bool, str]: ...
+
+    def readiness(self) -> tuple[bool, str]: ...
+
+
+#: A route's answer: status, content type, body.
+Answer = tuple[int, str, bytes]
+
+
 class ProbeServer:
     """The probes' HTTP server and the thread it answers from."""
 
@@ -96,12 +108,20 @@ class ProbeServer:
         self._thread.join(timeout=5)
 
 
-async def start_probes(state: DriverState, port: int, host: str = "0.0.0.0") -> ProbeServer:
-    """Serve the probes on ``host:port``; the caller cleans the server up."""
-    routes: dict[str, Callable[[], tuple[int, str, bytes]]] = {
+async def start_probes(
+    state: Checks,
+    port: int,
+    host: str = "0.0.0.0",
+    metrics: Callable[[], Answer] | None = None,
+) -> ProbeServer:
+    """Serve the probes on ``host:port``; the caller cleans the server up.
+
+    ``metrics`` renders ``/metrics`` (default: this process's, :func:`exposition.render`).
+    """
+    routes: dict[str, Callable[[], Answer]] = {
         "/healthz": _answer(state.health),
         "/readyz": _answer(state.readiness),
-        "/metrics": exposition.render,
+        "/metrics": metrics or exposition.render,
     }
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -131,8 +151,8 @@ async def start_probes(state: DriverState, port: int, host: str = "0.0.0.0") -> 
     return ProbeServer(server)
 
 
-def _answer(check: Callable[[], tuple[bool, str]]) -> Callable[[], tuple[int, str, bytes]]:
-    def answer() -> tuple[int, str, bytes]:
+def _answer(check: Callable[[], tuple[bool, str]]) -> Callable[[], Answer]:
+    def answer() -> Answer:
         ok, reason = check()
         return 200 if ok else 503, "application/json", orjson.dumps({"status": reason})
 

@@ -19,7 +19,13 @@ from typing import TYPE_CHECKING
 
 from .. import protocol
 from ..api import ConveyorClient
-from ..errors import ConsumerSetupError, ConveyorDriverError, StreamMissingError
+from ..definitions import apply_definitions
+from ..errors import (
+    ConfigurationError,
+    ConsumerSetupError,
+    ConveyorDriverError,
+    StreamMissingError,
+)
 from ..logs.chain import build_logger
 from ..logs.loki import LokiSink
 from ..logs.nats import NatsLogSink
@@ -38,6 +44,7 @@ from .lifetime import concurrency_within, until_stopped
 from .probes import DriverState, start_probes
 from .publisher import Publisher
 from .startup import until_ready
+from .supervisor import watch_supervisor
 from .watchdog import LoopWatchdog
 
 if TYPE_CHECKING:
@@ -54,6 +61,11 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
     :mod:`.lifetime`), or until this coroutine is cancelled."""
     settings = settings or Settings.from_env()
     driver.check()
+    if settings.workers > 1:
+        raise ConfigurationError(
+            f"{settings.workers} workers need `conveyor-driver run APP --workers N`, which "
+            "starts each worker from the app's path; driver.run() and serve() are one process"
+        )
     # Certificates are checked before anything starts: a wrong file is a one-line error.
     tls = _load_tls(settings)
     nats_tls = tls.ssl_context() if tls is not None else None
@@ -75,6 +87,8 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
     log = build_logger(level=settings.log_level, fmt=settings.log_format, sinks=sinks).bind(
         driver=driver.name
     )
+    if settings.worker_index is not None:
+        log = log.bind(worker=settings.worker_index)
     state = DriverState(blocked_after=driver.ack_wait / 2)
     async with contextlib.AsyncExitStack() as stack:
         if settings.http_port is not None:
@@ -128,6 +142,8 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
         state.nc = nc
         api = ConveyorClient.from_settings(settings, tls, log=log, telemetry=telemetry)
         stack.push_async_callback(api.close)
+        if driver.apply_definitions or settings.apply_definitions:
+            await apply_definitions(driver, api, log)
         executor = HandlerThreads(max_workers=concurrency, thread_name_prefix=driver.name)
         stack.callback(executor.shutdown, wait=False, cancel_futures=True)
 
@@ -158,6 +174,8 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
                 await call_hook(hook)
             stop = asyncio.Event()
             _install_signal_handlers(stop)
+            if settings.worker_index is not None:
+                stack.callback(watch_supervisor(stop, log).cancel)
             await consumer.start()
             state.consumer = consumer
             watchdog = LoopWatchdog(

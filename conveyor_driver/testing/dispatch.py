@@ -15,7 +15,7 @@ from ..models import DriverMessage, Resource, encode_driver_message
 from ..outcomes import Action, Kind, Result
 from ..runtime.dispatcher import Delivery, Services, process
 from ..telemetry import Telemetry
-from .fake import LogRecorder, as_resource
+from .fake import LogRecorder, UpstreamResults, as_resource, with_upstream
 from .fake_api import FakeConveyorClient
 
 
@@ -47,6 +47,7 @@ async def dispatch(
     run_id: str | None = None,
     api: ConveyorClient | None = None,
     addressed: bool | None = None,
+    upstream: UpstreamResults | None = None,
     workspace_root: Path | None = None,
     keep_failed_workspaces: bool = False,
 ) -> DispatchReport:
@@ -56,10 +57,11 @@ async def dispatch(
     error). ``addressed`` says whether the event comes as a pipeline step addressed to this
     driver (``drivers.<driver>.resources.<type>``) or as a broadcast (``resources.<type>``);
     by default a ``process`` event is a step and any other event a broadcast, as the
-    server sends them. ``workspace_root`` and ``keep_failed_workspaces`` are the
+    server sends them. ``upstream`` stores earlier steps' results on the resource, as
+    :class:`FakeContext` does. ``workspace_root`` and ``keep_failed_workspaces`` are the
     ``--workspace-root`` and ``--keep-failed-workspaces`` settings.
     """
-    res = as_resource(resource)
+    res = with_upstream(as_resource(resource), upstream)
     message = DriverMessage(
         event=event, payload=res, run_id=run_id or str(uuid.uuid4()), id=str(uuid.uuid4())
     )

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import uuid
 import weakref
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import attrs
 import structlog
 from structlog.testing import LogCapture
 from structlog.typing import EventDict, FilteringBoundLogger, WrappedLogger
 
-from .. import protocol
+from .. import protocol, specs
 from ..api import ConveyorClient
-from ..context import Context
-from ..models import Resource, resource_from_json
+from ..context import Context, S
+from ..models import DriverResult, Resource, resource_from_json, with_driver_result
+from ..outcomes import Result
 from ..workspace import RunWorkspace
 from .fake_api import FakeConveyorClient
 
@@ -46,17 +48,33 @@ class LogRecorder(LogCapture):
 
 
 def as_resource(resource: Resource | dict[str, Any]) -> Resource:
-    """A Resource from one, or from a dict shaped like the server's JSON."""
-    return resource if isinstance(resource, Resource) else resource_from_json(resource)
+    """A Resource from one, or from a dict shaped like the server's JSON.
+
+    Its spec may be a spec object (``BuildSpec(repo=...)``): it becomes the JSON the
+    server would send, so that it is checked on its way in like any other.
+    """
+    res = resource if isinstance(resource, Resource) else resource_from_json(resource)
+    if specs.is_spec_class(type(res.spec)):
+        res = attrs.evolve(res, spec=specs.unstructure(res.spec))
+    return res
 
 
 @attrs.define(frozen=True, init=False)
-class FakeContext(Context):
+class FakeContext(Context[S]):
     """A Context for calling a handler directly in a test; ``ctx.logs`` holds its lines.
 
     ``ctx.api`` is a :class:`FakeConveyorClient` unless another client is given.
     ``ctx.workspace`` is made on first use under ``workspace_root`` (default: the system's
     temporary directory) and removed when the context is garbage-collected, or at exit.
+
+    ``upstream`` maps earlier steps' drivers to their results (a ``Result``, or a dict
+    with ``success``, ``message`` and ``data``): they are stored on the resource as the
+    pipeline engine stores them, so ``ctx.upstream`` reads them as it would in production.
+
+    ``spec`` is the handler's ``spec=`` class: the resource's spec (JSON, or a spec object)
+    is structured into it as the runtime does, raising
+    :class:`~conveyor_driver.specs.InvalidSpec` with the same errors the runtime reports.
+    A spec object in the resource without ``spec=`` is taken as its own class.
     """
 
     logs: list[dict[str, Any]] = attrs.field(factory=list, repr=False)
@@ -69,9 +87,15 @@ class FakeContext(Context):
         attempt: int = 1,
         api: ConveyorClient | None = None,
         driver: str = "test-driver",
+        upstream: UpstreamResults | None = None,
+        spec: type[S] | None = None,
         workspace_root: Path | None = None,
     ) -> None:
-        res = as_resource(resource)
+        given = resource.spec if isinstance(resource, Resource) else resource.get("spec")
+        if spec is None and specs.is_spec_class(type(given)):
+            spec = cast("type[S]", type(given))
+        res = with_upstream(as_resource(resource), upstream)
+        typed = specs.structure(res.spec, spec) if spec is not None else res.spec
         run = run_id or str(uuid.uuid4())
         recorder = LogRecorder()
         workspace = RunWorkspace(workspace_root, driver)
@@ -93,6 +117,31 @@ class FakeContext(Context):
             log=log,
             api=api if api is not None else FakeConveyorClient(),
             logs=recorder.entries,
+            spec=typed,
             run_workspace=workspace,
         )
         weakref.finalize(self, workspace.remove)
+
+
+#: Earlier steps' results for a test: a ``Result``, or a dict with ``success``, ``message``
+#: and ``data``, by driver.
+UpstreamResults = Mapping[str, Result | Mapping[str, Any]]
+
+
+def with_upstream(resource: Resource, upstream: UpstreamResults | None) -> Resource:
+    """``resource`` with earlier steps' results stored on it, as the pipeline engine does."""
+    for name, result in (upstream or {}).items():
+        resource = with_driver_result(resource, _driver_result(name, result))
+    return resource
+
+
+def _driver_result(driver: str, result: Result | Mapping[str, Any]) -> DriverResult:
+    if isinstance(result, Result):
+        return DriverResult(result.success, result.message, result.data, driver)
+    unknown = set(result) - {"success", "message", "data"}
+    if unknown or not isinstance(result.get("success"), bool):
+        raise TypeError(
+            f"upstream[{driver!r}] must be a Result or a dict with a boolean 'success' and "
+            f"optional 'message' and 'data', not {dict(result)!r}"
+        )
+    return DriverResult(result["success"], result.get("message", ""), result.get("data"), driver)

@@ -18,6 +18,15 @@ driver = Driver("worker", grace_period=30.0)
 # The same driver name, hence the same durable consumer, with a grace period too short for
 # a slow run: what a shutdown does to a run it cannot wait for.
 impatient = Driver("worker", grace_period=0.5)
+# A short ack_wait: the run of a worker killed mid-run comes back within seconds.
+nimble = Driver("nimble", ack_wait=3.0, grace_period=30.0)
+# Every process of it dies at start: what a supervisor must not restart forever.
+doomed = Driver("doomed")
+
+
+@doomed.on_startup
+def _refuse() -> None:
+    raise RuntimeError("the cache this driver needs is unreachable")
 
 
 async def work(ctx: Context) -> dict[str, Any]:
@@ -30,5 +39,5 @@ async def work(ctx: Context) -> dict[str, Any]:
     return {"pid": os.getpid(), "run_id": ctx.run_id, "attempt": ctx.attempt}
 
 
-for instance in (driver, impatient):
+for instance in (driver, impatient, nimble, doomed):
     instance.on("job")(work)
