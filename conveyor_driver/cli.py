@@ -70,6 +70,8 @@ _RUN = (
     "timeout",
     "max_runs",
     "exit_when_idle",
+    "workspace_root",
+    "keep_failed_workspaces",
     "apply_definitions",
     *_LOKI,
     *_TLS,

@@ -6,6 +6,7 @@ import os
 import time
 import weakref
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, overload
 
 import attrs
@@ -16,6 +17,7 @@ from .logs.redact import Redactor, check_secret
 from .models import Resource
 from .process import KILL_GRACE, CommandResult, run_command
 from .upstream import Upstream, read_upstream
+from .workspace import RunWorkspace
 
 if TYPE_CHECKING:
     from .api import ConveyorClient
@@ -63,6 +65,20 @@ class Context(Generic[S]):
     #: The driver's secrets, which mask its log lines; :meth:`secret` adds to them.
     redactor: Redactor | None = attrs.field(default=None, repr=False)
     _run_secrets: list[str] = attrs.field(factory=list, init=False, repr=False, eq=False)
+    #: The run's directory, made on first use of :attr:`workspace` (:mod:`.workspace`).
+    run_workspace: RunWorkspace = attrs.field(
+        default=attrs.Factory(lambda self: RunWorkspace(None, self.driver), takes_self=True),
+        repr=False,
+    )
+
+    @property
+    def workspace(self) -> Path:
+        """A fresh directory for this run, made on first use and removed when it ends.
+
+        Under ``--workspace-root`` (default: the system's temporary directory). Kept when
+        the run fails and ``--keep-failed-workspaces`` is given; the run's log says where.
+        """
+        return self.run_workspace.path()
 
     def remaining(self) -> float | None:
         """Seconds left before the deadline (never negative), or None without one.
@@ -108,12 +124,12 @@ class Context(Generic[S]):
         ``cmd`` is a shell string or an argv list. Returns the exit code and a bounded tail
         of the output; with ``check``, a non-zero exit or a timeout raises ``Fail``. On a
         timeout, or when the handler is cancelled, the command's whole process group is
-        killed.
+        killed. ``cwd`` defaults to :attr:`workspace` once the run has made it.
         """
         return await run_command(
             self.log,
             cmd,
-            cwd=cwd,
+            cwd=cwd if cwd is not None else self.run_workspace.created,
             env=env,
             timeout=timeout,
             check=check,

@@ -123,6 +123,12 @@ class Settings:
     exit_when_idle: float | None = attrs.field(
         default=None, validator=validation.number(float, above=0)
     )
+    #: Where ``ctx.workspace`` directories go (None: the system's temporary directory), and
+    #: whether a failed run's is kept (conveyor_driver/workspace.py).
+    workspace_root: Path | None = attrs.field(
+        default=None, converter=attrs.converters.optional(Path)
+    )
+    keep_failed_workspaces: bool = False
     #: Apply the typed specs' ResourceDefinitions at start, as ``Driver(apply_definitions=True)``.
     apply_definitions: bool = False
     #: The driver's identity on a secured Conveyor (``docs/protocol.md#authentication``): a PEM

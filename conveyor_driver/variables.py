@@ -272,6 +272,21 @@ VARIABLES: tuple[Variable, ...] = (
         metavar="SECONDS",
     ),
     Variable(
+        "CONVEYOR_WORKSPACE_ROOT",
+        "workspace_root",
+        "--workspace-root",
+        path,
+        "Where each run's ctx.workspace is made (default: the system's temporary directory).",
+    ),
+    Variable(
+        "CONVEYOR_KEEP_FAILED_WORKSPACES",
+        "keep_failed_workspaces",
+        "--keep-failed-workspaces",
+        boolean,
+        "Keep the workspace of a failed run for inspection; its log says where.",
+        kind="flag",
+    ),
+    Variable(
         "CONVEYOR_APPLY_DEFINITIONS",
         "apply_definitions",
         "--apply-definitions",

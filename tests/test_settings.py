@@ -115,6 +115,22 @@ CASES = [
         Path("/var/lib/nats"),
         lambda s: s.embedded_dir,
     ),
+    Case(
+        "CONVEYOR_WORKSPACE_ROOT",
+        "--workspace-root",
+        "/var/lib/builds",
+        Path("/var/lib/builds"),
+        lambda s: s.workspace_root,
+    ),
+    Case(
+        "CONVEYOR_KEEP_FAILED_WORKSPACES",
+        "--keep-failed-workspaces",
+        "on",
+        True,
+        lambda s: s.keep_failed_workspaces,
+        ("maybe",),
+        option_args=("--keep-failed-workspaces",),
+    ),
     Case("CONVEYOR_HTTP_PORT", "--http-port", "9464", 9464, lambda s: s.http_port, ("0", "web")),
     Case(
         "CONVEYOR_HTTP_HOST", "--http-host", "127.0.0.1", "127.0.0.1", lambda s: s.http_host, (" ",)

@@ -12,6 +12,7 @@ import functools
 import time
 from collections.abc import Awaitable, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -27,6 +28,7 @@ from ..logs.stdlib import run_scope
 from ..models import DecodeError, DriverMessage, decode_driver_message
 from ..outcomes import Action, Kind, Outcome
 from ..telemetry import Telemetry, extract
+from ..workspace import RunWorkspace, finish
 
 if TYPE_CHECKING:
     from ..api import ConveyorClient
@@ -87,6 +89,10 @@ class Services:
     timeout: float | None = None
     #: The driver's secrets, masked in its logs; ``ctx.secret`` adds a run's own to it.
     redactor: Redactor | None = None
+    #: ``ctx.workspace``'s parent (None: the system's temporary directory), and whether a
+    #: failed run's is kept (``--keep-failed-workspaces``).
+    workspace_root: Path | None = None
+    keep_failed_workspaces: bool = False
 
 
 class HandlerThreads(ThreadPoolExecutor):
@@ -240,10 +246,35 @@ async def _decide(
         api=services.api,
         deadline=time.monotonic() + timeout if timeout is not None else None,
         kill_grace=driver.kill_grace,
+        run_workspace=RunWorkspace(services.workspace_root, driver.name),
         spec=spec,
         redactor=services.redactor,
     )
     log.debug("run started", attempt=delivery.attempt, handler=route.name)
+    succeeded = False
+    try:
+        processed, error = await _run(route, ctx, delivery, driver, services, timeout, message)
+        succeeded = processed.outcome.kind is Kind.SUCCESS
+        return processed, error
+    finally:
+        # Also on timeout and cancellation: the run has ended either way.
+        workspace = ctx.run_workspace
+        ending = workspace.end(keep=not succeeded and services.keep_failed_workspaces)
+        if ending is not None:  # an await only for a run that made one
+            await finish(workspace, ending, log)
+
+
+async def _run(
+    route: Route,
+    ctx: Context,
+    delivery: Delivery,
+    driver: Driver,
+    services: Services,
+    timeout: float | None,
+    message: DriverMessage,
+) -> tuple[Processed, BaseException | None]:
+    """Call the handler and turn what it did into an outcome."""
+    log = ctx.log
     inflight = services.telemetry.inflight
     inflight.add(1)
     try:
@@ -352,8 +383,22 @@ def _call(route: Route, ctx: Context, executor: Executor | None) -> Awaitable[An
     if route.is_async:
         return route.handler(ctx)  # type: ignore[return-value]  # is_async: a coroutine
     loop = asyncio.get_running_loop()
-    run = functools.partial(contextvars.copy_context().run, route.handler, ctx)
+    run = functools.partial(contextvars.copy_context().run, _in_thread, route.handler, ctx)
     return loop.run_in_executor(executor, run)
+
+
+def _in_thread(handler: Any, ctx: Context) -> Any:
+    """A sync handler's call, which tells its workspace when the thread is done with it.
+
+    A thread abandoned at its deadline runs on: its workspace is removed when it returns,
+    not under its feet (:func:`~conveyor_driver.workspace.finish`).
+    """
+    workspace = ctx.run_workspace
+    workspace.enter()
+    try:
+        return handler(ctx)
+    finally:
+        workspace.leave()
 
 
 def _log_result(log: FilteringBoundLogger, outcome: Outcome) -> None:

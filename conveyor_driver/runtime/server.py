@@ -33,6 +33,7 @@ from ..logs.stdlib import bridged
 from ..loops import loop_name
 from ..settings import Settings
 from ..telemetry import Telemetry
+from ..workspace import sweep
 from .backlog import BacklogWatch
 from .connection import connect
 from .consumer import Consumer, ensure_consumer, ensuring_what
@@ -161,6 +162,8 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
                 telemetry=telemetry,
                 timeout=settings.timeout,
                 redactor=redactor,
+                workspace_root=settings.workspace_root,
+                keep_failed_workspaces=settings.keep_failed_workspaces,
             ),
             concurrency=concurrency,
             log=log,
@@ -172,6 +175,7 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
         # (their lines are shipped) and before "driver stopped" (which counts them).
         sink.start(publisher)
         try:
+            await _sweep_workspaces(driver, settings, log)
             for hook in driver.startup_hooks:
                 await call_hook(hook)
             stop = asyncio.Event()
@@ -226,6 +230,19 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
             budget = consumer.budget
             runs = {"runs": budget.used} if budget.limit is not None else {}
             log.info("driver stopped", handled=consumer.handled, **runs, log_lines_sent=sink.sent)
+
+
+async def _sweep_workspaces(driver: Driver, settings: Settings, log: FilteringBoundLogger) -> None:
+    """Remove what an earlier process of this driver, killed mid-run, left on disk."""
+    removed, failed = await asyncio.to_thread(sweep, settings.workspace_root, driver.name)
+    if removed:
+        log.info(
+            "stale workspaces removed",
+            count=len(removed),
+            workspaces=[str(path) for path in removed],
+        )
+    for problem in failed:
+        log.warning("stale workspace not removed", reason=problem)
 
 
 def _lifetime(settings: Settings) -> dict[str, float]:

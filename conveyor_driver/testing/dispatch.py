@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -48,6 +49,8 @@ async def dispatch(
     api: ConveyorClient | None = None,
     addressed: bool | None = None,
     upstream: UpstreamResults | None = None,
+    workspace_root: Path | None = None,
+    keep_failed_workspaces: bool = False,
 ) -> DispatchReport:
     """Encode the event as the server would and run it through the real dispatcher.
 
@@ -56,7 +59,8 @@ async def dispatch(
     driver (``drivers.<driver>.resources.<type>``) or as a broadcast (``resources.<type>``);
     by default a ``process`` event is a step and any other event a broadcast, as the
     server sends them. ``upstream`` stores earlier steps' results on the resource, as
-    :class:`FakeContext` does.
+    :class:`FakeContext` does. ``workspace_root`` and ``keep_failed_workspaces`` are the
+    ``--workspace-root`` and ``--keep-failed-workspaces`` settings.
     """
     res = with_upstream(as_resource(resource), upstream)
     message = DriverMessage(
@@ -69,6 +73,8 @@ async def dispatch(
         api=api if api is not None else FakeConveyorClient(),
         telemetry=Telemetry(),
         redactor=redactor,
+        workspace_root=workspace_root,
+        keep_failed_workspaces=keep_failed_workspaces,
     )
     delivery = Delivery(
         data=encode_driver_message(message),

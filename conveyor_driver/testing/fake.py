@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import uuid
+import weakref
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, NoReturn, cast
 
 import attrs
@@ -17,6 +19,7 @@ from ..context import Context, S
 from ..logs.redact import Redactor
 from ..models import DriverResult, Resource, resource_from_json, with_driver_result
 from ..outcomes import Result
+from ..workspace import RunWorkspace
 from .fake_api import FakeConveyorClient
 
 
@@ -63,6 +66,9 @@ class FakeContext(Context[S]):
 
     ``ctx.api`` is a :class:`FakeConveyorClient` unless another client is given. The lines
     are masked as the driver's are: ``secrets`` and what ``ctx.secret`` registers.
+    ``ctx.workspace`` is made on first use under ``workspace_root`` (default: the system's
+    temporary directory) and removed when the context is garbage-collected, or at exit.
+
     ``upstream`` maps earlier steps' drivers to their results (a ``Result``, or a dict
     with ``success``, ``message`` and ``data``): they are stored on the resource as the
     pipeline engine stores them, so ``ctx.upstream`` reads them as it would in production.
@@ -86,6 +92,7 @@ class FakeContext(Context[S]):
         upstream: UpstreamResults | None = None,
         spec: type[S] | None = None,
         secrets: Sequence[str] = (),
+        workspace_root: Path | None = None,
     ) -> None:
         given = resource.spec if isinstance(resource, Resource) else resource.get("spec")
         if spec is None and specs.is_spec_class(type(given)):
@@ -95,6 +102,7 @@ class FakeContext(Context[S]):
         run = run_id or str(uuid.uuid4())
         recorder = LogRecorder()
         redactor = Redactor(secrets)
+        workspace = RunWorkspace(workspace_root, driver)
         log = recorder.logger(redactor).bind(
             driver=driver,
             run_id=run,
@@ -115,7 +123,9 @@ class FakeContext(Context[S]):
             logs=recorder.entries,
             spec=typed,
             redactor=redactor,
+            run_workspace=workspace,
         )
+        weakref.finalize(self, workspace.remove)
 
 
 #: Earlier steps' results for a test: a ``Result``, or a dict with ``success``, ``message``
