@@ -69,7 +69,13 @@ POLL_SLOWEST = 0.05
 RUN_TIMEOUT = 600.0
 CONTENDER = Path(__file__).resolve().parent / "_contender.py"
 #: In the tables' order; the kinds are _contender.KINDS.
-KINDS = ("hand-written", "framework", "framework-logged", "framework-ledger")
+KINDS = (
+    "hand-written",
+    "framework",
+    "framework-logged",
+    "framework-ledger",
+    "framework-unwatched",
+)
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
