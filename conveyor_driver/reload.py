@@ -163,7 +163,9 @@ def describe_failure(exc: BaseException) -> str:
     cause = exc.__cause__ if isinstance(exc, AppLoadError) and exc.__cause__ else exc
     if isinstance(cause, SyntaxError) and cause.filename:
         return f"{_shown(cause.filename)}:{cause.lineno}: {type(cause).__name__}: {cause.msg}"
-    what = str(exc) if cause is exc else f"{type(cause).__name__}: {cause}"
+    if cause is exc:
+        return str(exc)  # the loader's own finding (no such file, not a Driver): no line
+    what = f"{type(cause).__name__}: {cause}"
     frames = [
         frame
         for frame in traceback.extract_tb(cause.__traceback__)

@@ -19,5 +19,6 @@ driver = Driver("reloading", grace_period=30.0)
 
 @driver.on("job")
 async def work(ctx: Context) -> dict[str, Any]:
+    ctx.log.info("handler started", version=VERSION)
     await asyncio.sleep(float((ctx.resource.spec or {}).get("sleep", 0)))
     return {"version": VERSION, "pid": os.getpid()}
