@@ -210,3 +210,41 @@ def test_a_failed_import_says_where(tmp_path: Path) -> None:
     assert _failure(tmp_path / "not_app.py", no_driver) == (
         f"{tmp_path}/not_app.py:driver is a int, not a conveyor_driver.Driver"
     )
+
+
+_REFUSING_HOOK = """
+
+@driver.on_startup
+def _refuse() -> None:
+    raise RuntimeError("the cache is unreachable")
+"""
+
+
+@pytest.mark.process
+async def test_new_code_that_dies_at_start_waits_for_the_next_change(
+    tmp_path: Path, nats_server: EmbeddedNats, nats_client: Client
+) -> None:
+    """It imports (the check passes) but its start-up hook raises: no exit, no endless loop."""
+    app = _copy_app(tmp_path)
+    async with (
+        driver_process(f"{app}:driver", "--reload", "--nats-url", nats_server.url) as proc,
+        watch_results(nats_client) as watch,
+    ):
+        await proc.started()
+        good = app.read_text()
+        app.write_text(good + _REFUSING_HOOK)
+        waiting = "worker keeps exiting at start; waiting for the next change"
+        await proc.wait_for_log(waiting, TIMEOUT)
+        started = _count(proc, "worker started")
+        assert started >= 1 + 5  # the first worker, then five deaths at start
+        assert proc.proc.returncode is None
+
+        app.write_text(good)
+        _set_version(app, "v4")
+        await _logged(proc, "driver started", 2)
+        (run_id,) = await _emit(nats_client, ["after-fix"])
+        await watch.wait(run_id, timeout=TIMEOUT)
+        assert _only_result(watch, run_id)["version"] == "v4"
+        assert _count(proc, "worker started") == started + 1
+        proc.send(signal.SIGTERM)
+        assert await proc.wait(TIMEOUT) == 0, proc.output
