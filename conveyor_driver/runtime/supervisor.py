@@ -150,13 +150,15 @@ class Supervisor:
             if self.companion is not None:
                 companion = asyncio.create_task(self.companion(self), name="companion")
             await self.stop.wait()
+            if self.companion is not None:
+                companion.cancel()  # an import check under way is not worth waiting for
             if self.fleet is not None:
                 self.fleet.stopping = True
             self.log.info("stopping workers")
             self._signal_all(signal.SIGTERM)
             codes = await asyncio.gather(*slots)
             if self.companion is not None:
-                await companion  # it ends with the stop (it watches self.stop)
+                await asyncio.gather(companion, return_exceptions=True)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         if self.failure is not None:
