@@ -36,11 +36,15 @@ def _copy_app(directory: Path) -> Path:
     return app
 
 
-def _set_version(app: Path, version: str) -> None:
-    text = app.read_text()
+def _with_version(text: str, version: str) -> str:
     start = text.index('VERSION = "')
     end = text.index('"', start + len('VERSION = "'))
-    app.write_text(f'{text[:start]}VERSION = "{version}{text[end:]}')
+    return f'{text[:start]}VERSION = "{version}{text[end:]}'
+
+
+def _set_version(app: Path, version: str) -> None:
+    """One write: one change, one reload."""
+    app.write_text(_with_version(app.read_text(), version))
 
 
 def _count(proc: DriverProcess, event: str) -> int:
@@ -131,8 +135,7 @@ async def test_a_syntax_error_is_one_line_and_the_old_code_serves_until_the_fix(
         assert _only_result(watch, meanwhile)["version"] == "v1"
         assert _count(proc, "worker started") == 1  # the broken code never started
 
-        app.write_text(good)
-        _set_version(app, "v3")
+        app.write_text(_with_version(good, "v3"))
         await proc.wait_for_log("reloading", TIMEOUT)
         await _logged(proc, "driver started", 2)
         (fixed,) = await _emit(nats_client, ["fixed"])
@@ -239,8 +242,7 @@ async def test_new_code_that_dies_at_start_waits_for_the_next_change(
         assert started >= 1 + 5  # the first worker, then five deaths at start
         assert proc.proc.returncode is None
 
-        app.write_text(good)
-        _set_version(app, "v4")
+        app.write_text(_with_version(good, "v4"))
         await _logged(proc, "driver started", 2)
         (run_id,) = await _emit(nats_client, ["after-fix"])
         await watch.wait(run_id, timeout=TIMEOUT)
