@@ -54,6 +54,7 @@ _RUN = (
     "api_url",
     "concurrency",
     "workers",
+    "reload",
     "log_level",
     "log_format",
     "loop",
@@ -200,6 +201,11 @@ def run(app: str | None, **options: Any) -> None:
     """
     settings = _settings(options, _RUN)
     driver: Driver = load_driver(_app(app))
+    if settings.reload:
+        from .reload import serve_reloading
+
+        given = as_environment(_given(options, _RUN))
+        sys.exit(serve_reloading(driver, _app(app), settings, given))
     if settings.workers > 1:
         from .runtime.supervisor import supervise
 

@@ -92,6 +92,8 @@ class Settings:
     worker_index: int | None = attrs.field(
         default=None, validator=validation.number(int, minimum=0)
     )
+    #: The dev loop (conveyor_driver/reload.py): one worker, restarted when the code changes.
+    reload: bool = False
     log_level: str = attrs.field(default="info", validator=validation.one_of(LOG_LEVELS))
     log_format: str = attrs.field(default="auto", validator=validation.one_of(LOG_FORMATS))
     #: ``auto`` runs uvloop when it is installed (:mod:`conveyor_driver.loops`).

@@ -138,6 +138,14 @@ VARIABLES: tuple[Variable, ...] = (
         "Set by --workers in each worker process: its number, bound to its log lines.",
     ),
     Variable(
+        "CONVEYOR_RELOAD",
+        "reload",
+        "--reload",
+        boolean,
+        "Development: restart the driver gracefully when one of the app's .py files changes.",
+        kind="flag",
+    ),
+    Variable(
         "CONVEYOR_LOG_LEVEL",
         "log_level",
         "--log-level",

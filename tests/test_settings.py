@@ -88,6 +88,10 @@ CASES = [
         option_args=(),
         env_only=True,
     ),
+    # Off serves in place; on starts the supervisor and a watcher (tests/test_reload.py).
+    Case(
+        "CONVEYOR_RELOAD", "--reload", "off", False, lambda s: s.reload, ("maybe",), option_args=()
+    ),
     Case("CONVEYOR_LOG_LEVEL", "--log-level", "WARNING", "warning", lambda s: s.log_level, ("x",)),
     Case("CONVEYOR_LOG_FORMAT", "--log-format", "json", "json", lambda s: s.log_format, ("xml",)),
     Case("CONVEYOR_LOOP", "--loop", "ASYNCIO", "asyncio", lambda s: s.loop, ("tokio",)),

@@ -67,6 +67,11 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
             f"{settings.workers} workers need `conveyor-driver run APP --workers N`, which "
             "starts each worker from the app's path; driver.run() and serve() are one process"
         )
+    if settings.reload:
+        raise ConfigurationError(
+            "--reload needs `conveyor-driver run APP --reload`, which restarts the driver "
+            "from the app's path; driver.run() and serve() cannot reload themselves"
+        )
     # Certificates are checked before anything starts: a wrong file is a one-line error.
     tls = _load_tls(settings)
     nats_tls = tls.ssl_context() if tls is not None else None

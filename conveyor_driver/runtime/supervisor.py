@@ -28,6 +28,10 @@ the driver's durable consumer, which hands each message to one of them.
 - **Probes.** With ``--http-port`` the parent answers for all the workers
   (:mod:`.fleet_probes`); each worker serves its own on a free loopback port the parent
   picks at each start.
+- **Reloads.** ``--reload`` (:mod:`conveyor_driver.reload`) is this parent with one worker
+  and a watcher: :meth:`Supervisor.reload` drains the workers as a stop does and starts
+  them again at once, on the new code. A worker that keeps dying at start then waits for
+  the next reload rather than ending the parent: in a dev loop, the fix is one save away.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..embedded import free_port
@@ -69,14 +73,24 @@ class WorkersFailedError(ConveyorDriverError):
     """The workers keep dying at start: the parent gave up."""
 
 
-def supervise(driver: Driver, app: str, settings: Settings, given: Mapping[str, str]) -> int:
+#: A task the supervisor runs beside its workers until it stops (the ``--reload`` watcher).
+Companion = Callable[["Supervisor"], Coroutine[Any, Any, None]]
+
+
+def supervise(
+    driver: Driver,
+    app: str,
+    settings: Settings,
+    given: Mapping[str, str],
+    companion: Companion | None = None,
+) -> int:
     """Serve ``driver`` (loaded from ``app``) with ``settings.workers`` processes.
 
     ``given`` is the options given to the parent, as ``CONVEYOR_*`` variables. Returns
     the exit status once every worker has stopped: 0 when all of them drained cleanly.
     """
     driver.check()
-    return asyncio.run(_Supervisor(driver.name, app, settings, given).run())
+    return asyncio.run(Supervisor(driver.name, app, settings, given, companion).run())
 
 
 def describe_exit(code: int) -> str:
@@ -86,9 +100,17 @@ def describe_exit(code: int) -> str:
     return f"exit status {code}"
 
 
-class _Supervisor:
-    def __init__(self, name: str, app: str, settings: Settings, given: Mapping[str, str]) -> None:
+class Supervisor:
+    def __init__(
+        self,
+        name: str,
+        app: str,
+        settings: Settings,
+        given: Mapping[str, str],
+        companion: Companion | None = None,
+    ) -> None:
         self.app = app
+        self.companion = companion
         self.settings = settings
         self.env = {**os.environ, **given}
         self.log: FilteringBoundLogger = build_logger(
@@ -99,6 +121,9 @@ class _Supervisor:
         self.finished = 0
         self.fleet: FleetProbes | None = None
         self.start_window = settings.startup_timeout + START_MARGIN
+        #: Set per worker by :meth:`reload`: its exit is a restart on new code, at once.
+        self.reloading = [False] * settings.workers
+        self.reloaded = [asyncio.Event() for _ in range(settings.workers)]
 
     async def run(self) -> int:
         self.stop = asyncio.Event()
@@ -107,7 +132,7 @@ class _Supervisor:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_signal, sig)
-        common: dict[str, Any] = {"workers": 1}
+        common: dict[str, Any] = {"workers": 1, "reload": False}
         async with contextlib.AsyncExitStack() as stack:
             if settings.embedded:
                 from ..embedded import EmbeddedNats
@@ -122,12 +147,18 @@ class _Supervisor:
                 asyncio.create_task(self._keep(index, common)) for index in range(settings.workers)
             ]
             self.log.info("supervising workers", workers=settings.workers, app=self.app)
+            if self.companion is not None:
+                companion = asyncio.create_task(self.companion(self), name="companion")
             await self.stop.wait()
+            if self.companion is not None:
+                companion.cancel()  # an import check under way is not worth waiting for
             if self.fleet is not None:
                 self.fleet.stopping = True
             self.log.info("stopping workers")
             self._signal_all(signal.SIGTERM)
             codes = await asyncio.gather(*slots)
+            if self.companion is not None:
+                await asyncio.gather(companion, return_exceptions=True)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         if self.failure is not None:
@@ -178,11 +209,17 @@ class _Supervisor:
                 process_group=0,
             )
             self.procs[index] = proc
+            self.reloading[index] = False  # a reload asked during the spawn: it reads new code
             self.log.info("worker started", worker=index, pid=proc.pid, **_probe(own))
             if self.stop.is_set():
                 _send(proc, signal.SIGTERM)  # the stop came while it was being started
             code = await proc.wait()
             self.procs[index] = None
+            if self.reloading[index] and not self.stop.is_set():
+                self.reloading[index] = False
+                self.log.info("worker stopped for a reload", worker=index, pid=proc.pid)
+                deaths = 0
+                continue
             if self.stop.is_set():
                 self.log.info(
                     "worker stopped", worker=index, pid=proc.pid, exit=describe_exit(code)
@@ -197,6 +234,17 @@ class _Supervisor:
                 return code
             lived = loop.time() - started
             deaths = deaths + 1 if lived < self.start_window else 0
+            if deaths >= GIVE_UP_AFTER and self.companion is not None:
+                self.log.error(
+                    "worker keeps exiting at start; waiting for the next change",
+                    worker=index,
+                    exit=describe_exit(code),
+                )
+                deaths = 0
+                await self._pause(index, None)
+                if self.stop.is_set():
+                    return 0
+                continue
             if deaths >= GIVE_UP_AFTER:
                 self.failure = (
                     f"worker {index} exited at start {deaths} times in a row "
@@ -213,10 +261,38 @@ class _Supervisor:
                 ran_for=round(lived, 1),
                 restart_in=delay,
             )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop.wait(), delay)
+            await self._pause(index, delay)
             if self.stop.is_set():
                 return 0  # nothing was running here to drain; its death is logged above
+
+    async def _pause(self, index: int, seconds: float | None) -> None:
+        """Wait ``seconds`` (None: for ever) or less: until the stop or a reload of ``index``."""
+        self.reloaded[index].clear()
+        waits = [asyncio.ensure_future(self.stop.wait())]
+        waits.append(asyncio.ensure_future(self.reloaded[index].wait()))
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        self.reloading[index] = False
+
+    def reload(self) -> None:
+        """Restart every worker on the code as it is now, each after its graceful stop.
+
+        A worker asked already is not signalled again: its second SIGTERM would kill it
+        mid-drain. One waiting to be restarted is started at once.
+        """
+        if self.stop.is_set():
+            return
+        for index, proc in enumerate(self.procs):
+            if self.reloading[index]:
+                continue
+            self.reloading[index] = True
+            if proc is None:
+                self.reloaded[index].set()
+            else:
+                _send(proc, signal.SIGTERM)
 
     def _on_signal(self, sig: signal.Signals) -> None:
         self.signals += 1
