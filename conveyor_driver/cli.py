@@ -262,70 +262,11 @@ def status(app: str | None, **options: Any) -> None:
     """Show APP's consumer as the server sees it: backlog, in flight, redeliveries."""
     settings = _settings(options, ("nats_urls", *_TLS))
     driver = load_driver(_app(app))
-    _run_async(_status(driver.name, settings.nats_urls, _nats_tls(settings)))
+    from .runtime.status import consumer_status
 
-
-async def _status(name: str, urls: tuple[str, ...], tls: ssl.SSLContext | None = None) -> None:
-    from nats.js.errors import NotFoundError
-
-    from .logs.chain import build_logger
-    from .runtime.connection import connect
-
-    # A one-shot command reports its failure as one line, so the connection's own
-    # "waiting for NATS" warnings stay out of its output.
-    log = build_logger(level="error")
-    nc = await connect(urls, name="conveyor-driver:status", log=log, tls=tls)
-    try:
-        try:
-            info = await nc.jetstream().consumer_info(protocol.MESSAGES_STREAM, name)
-        except NotFoundError:
-            raise _NoResult(
-                f"consumer {name!r} not found on stream {protocol.MESSAGES_STREAM!r} "
-                "(has the driver run against this NATS, and does the stream exist?)"
-            ) from None
-        ledger = await _ledger_counts(nc, name, log)
-    finally:
-        await nc.close()
-    config = info.config
-    rows = [
-        ("consumer", f"{name} on stream {protocol.MESSAGES_STREAM}"),
-        ("subjects", ", ".join(config.filter_subjects or [config.filter_subject or "-"])),
-        ("pending", f"{info.num_pending} waiting to be delivered"),
-        ("ack pending", f"{info.num_ack_pending} delivered, not yet acknowledged"),
-        ("redelivered", str(info.num_redelivered)),
-        ("waiting pulls", str(info.num_waiting)),
-        ("last delivery", _when(info.delivered.last_active if info.delivered else None)),
-        ("last ack", _when(info.ack_floor.last_active if info.ack_floor else None)),
-    ]
-    if ledger is None:
-        rows.append(("run ledger", f"none ({protocol.ledger_bucket(name)} does not exist)"))
-    else:
-        rows.append(
-            (
-                "run ledger",
-                f"{ledger['finished']} finished, {ledger['running']} running (long runs), "
-                f"{ledger['fenced']} fenced, "
-                f"{ledger['skipped_as_duplicate']} skipped as duplicates",
-            )
-        )
+    rows = _run_async(consumer_status(driver.name, settings.nats_urls, _nats_tls(settings)))
     for label, value in rows:
         click.echo(f"{label:>14}: {value}")
-
-
-async def _ledger_counts(nc: Any, name: str, log: Any) -> dict[str, int] | None:
-    from nats.js.errors import BucketNotFoundError, NotFoundError
-
-    from .runtime.ledger import RunLedger
-
-    try:
-        kv = await nc.jetstream().key_value(protocol.ledger_bucket(name))
-    except (BucketNotFoundError, NotFoundError):
-        return None
-    return await RunLedger(kv, log).summary()
-
-
-def _when(moment: Any) -> str:
-    return moment.isoformat() if moment is not None else "never"
 
 
 @main.command()
