@@ -355,16 +355,17 @@ class _NoResult(ConveyorDriverError):
 
 @main.command()
 @_APP
-@_options("http_port", command="manifest")
+@_options("http_port", "workers", command="manifest")
 @_friendly_errors
 def manifest(app: str | None, **options: Any) -> None:
     """Print Kubernetes manifests for APP, the values that must agree read off the Driver."""
     from .manifest import DEFAULT_HTTP_PORT, ManifestOptions, render
 
     own = _own(options, "manifest")
-    port = _settings(options, ("http_port",)).http_port or DEFAULT_HTTP_PORT
+    settings = _settings(options, ("http_port", "workers"))
+    port = settings.http_port or DEFAULT_HTTP_PORT
     shape = "scaled-job" if own["scaled_job"] else "deployment"
-    chosen = ManifestOptions(own["image"], port, own["prometheus_url"], shape)
+    chosen = ManifestOptions(own["image"], port, own["prometheus_url"], shape, settings.workers)
     click.echo(render(load_driver(_app(app)), chosen), nl=False)
 
 

@@ -63,6 +63,8 @@ class ManifestOptions:
     http_port: int = DEFAULT_HTTP_PORT
     prometheus_url: str = DEFAULT_PROMETHEUS_URL
     shape: str = attrs.field(default="deployment", validator=attrs.validators.in_(SHAPES))
+    #: Worker processes per pod (``--workers``): a pod then takes ``concurrency`` times this.
+    workers: int = 1
 
 
 def termination_grace(driver: Driver) -> int:
@@ -154,6 +156,11 @@ class _Parts:
         container["env"] = [
             # The probes below and the driver's listener read this one number.
             {"name": _ENV["http_port"], "value": str(port)},
+            *(
+                [{"name": _ENV["workers"], "value": str(self.options.workers)}]
+                if self.options.workers > 1 and not lag
+                else []
+            ),
             {"name": _ENV["tls_cert"], "value": f"{TLS_DIR}/tls.crt"},
             {"name": _ENV["tls_key"], "value": f"{TLS_DIR}/tls.key"},
             {"name": _ENV["tls_ca"], "value": f"{TLS_DIR}/ca.crt"},
@@ -301,8 +308,8 @@ class _Parts:
                         }
                     }
                 },
-                # A pod takes `concurrency` runs at once: that is its share of the backlog.
-                "triggers": self._trigger(self.driver.concurrency),
+                # A pod takes `concurrency` runs at once per worker: its share of the backlog.
+                "triggers": self._trigger(self.driver.concurrency * self.options.workers),
             },
         }
 

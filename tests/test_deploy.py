@@ -199,6 +199,18 @@ def test_the_manifests_take_their_numbers_from_the_driver(builds_app: str) -> No
     assert trigger["metadata"]["threshold"] == "3"
 
 
+def test_with_workers_a_pod_runs_them_and_takes_their_share_of_the_backlog(
+    builds_app: str,
+) -> None:
+    documents = _manifest(builds_app, "--workers", "4")
+    (container,) = _pod(_kind(documents, "Deployment"))["containers"]
+    assert {"name": "CONVEYOR_WORKERS", "value": "4"} in container["env"]
+    (trigger,) = _kind(documents, "ScaledObject")["spec"]["triggers"]
+    assert trigger["metadata"]["threshold"] == "12"  # concurrency 3, times 4 workers
+    for document in documents:
+        _validate(document, K8S_VERSIONS[-1])
+
+
 def test_the_scaled_job_runs_one_build_a_pod(builds_app: str) -> None:
     documents = _manifest(builds_app, "--scaled-job", env={"CONVEYOR_HTTP_PORT": "9100"})
     job = _kind(documents, "ScaledJob")
