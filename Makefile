@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint typecheck bench manifests clean
+.PHONY: install demo test test-fast lint typecheck bench manifests docs docs-serve clean
 
 $(STAMP): pyproject.toml conveyor_driver/_version.py
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,15 @@ test: lint typecheck
 test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not process and not slow"
 
+# The documentation site (mkdocs.yml) into site/, strictly: a broken link, a missing reference
+# or a docstring mkdocstrings cannot read fails it. `make test` builds it too
+# (tests/test_docs_site.py).
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+docs-serve: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --strict
+
 bench: $(STAMP)
 	$(BIN)/python bench/bench_dispatch.py
 	$(BIN)/python bench/bench_startup.py
@@ -55,4 +64,4 @@ manifests: $(STAMP)
 	env -i $(BIN)/conveyor-driver manifest $(EXAMPLE) --scaled-job > deploy/k8s/scaled-job.yaml
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .coverage .coverage.* build *.egg-info
+	rm -rf $(VENV) site .mypy_cache .pytest_cache .ruff_cache .coverage .coverage.* build *.egg-info

@@ -18,7 +18,7 @@ PROTOCOL = ROOT / "docs" / "protocol.md"
 DOCUMENTS = sorted(
     [
         *ROOT.glob("*.md"),
-        *(ROOT / "docs").glob("*.md"),
+        *(ROOT / "docs").rglob("*.md"),
         ROOT / "bench" / "README.md",
         ROOT / "deploy" / "README.md",
     ]
