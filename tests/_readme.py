@@ -34,6 +34,8 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 _FENCE = re.compile(r"^```(\S*)\s*$")
 _DIRECTIVE = re.compile(r"^<!--\s*(file|not-tested):\s*(.*?)\s*-->\s*$")
 _CHECKER = "test_zz_readme_modules.py"
+#: The languages of console blocks: commands after ``$ ``, their output between them.
+CONSOLE = ("console", "shell-session")
 
 
 @dataclass(frozen=True)
@@ -47,8 +49,11 @@ class Block:
     not_tested: str | None = None
 
 
-def parse(text: str) -> list[Block]:
-    """Every fenced block of a Markdown text, with the directive on the line before it."""
+def parse(text: str, source: str = "README") -> list[Block]:
+    """Every fenced block of a Markdown text, with the directive on the line before it.
+
+    ``source`` names the document in errors (``docs/how-to/testing.md line 12: ...``).
+    """
     blocks: list[Block] = []
     lines = text.splitlines()
     i = 0
@@ -64,7 +69,7 @@ def parse(text: str) -> list[Block]:
             body.append(lines[i])
             i += 1
         if i == len(lines):
-            raise ValueError(f"README line {start + 1}: code block never closed")
+            raise ValueError(f"{source} line {start + 1}: code block never closed")
         i += 1
         file = not_tested = None
         directive = _DIRECTIVE.match(lines[start - 1]) if start else None
@@ -73,7 +78,7 @@ def parse(text: str) -> list[Block]:
         elif directive:
             not_tested = directive[2]
             if not not_tested:
-                raise ValueError(f"README line {start}: not-tested needs a reason")
+                raise ValueError(f"{source} line {start}: not-tested needs a reason")
         code = "\n".join(body) + "\n"
         blocks.append(Block(start + 1, opening[1], code, file, not_tested))
     return blocks
@@ -103,8 +108,12 @@ def python_blocks(blocks: Iterable[Block]) -> list[Block]:
     return [b for b in blocks if b.lang in ("python", "py")]
 
 
-def write_project(blocks: list[Block], root: Path) -> Project:
-    """Write each tested block to its file under ``root``; name the tests it must pass."""
+def write_project(blocks: list[Block], root: Path, source: str = "README") -> Project:
+    """Write each tested block to its file under ``root``; name the tests it must pass.
+
+    A console block may carry ``not-tested`` too (``tests/_console.py`` runs the others);
+    it is counted with the Python ones.
+    """
     files: dict[str, Block] = {}
     not_tested: list[Block] = []
     n = 0
@@ -113,8 +122,10 @@ def write_project(blocks: list[Block], root: Path) -> Project:
         if is_python:
             n += 1
         if block.not_tested is not None:
-            if not is_python:
-                raise ValueError(f"README line {block.line}: not-tested marks Python blocks only")
+            if not is_python and block.lang not in CONSOLE:
+                raise ValueError(
+                    f"{source} line {block.line}: not-tested marks Python and console blocks only"
+                )
             not_tested.append(block)
             continue
         if block.file is None and not is_python:
@@ -123,7 +134,7 @@ def write_project(blocks: list[Block], root: Path) -> Project:
         if name is None:
             name = f"{'test_' if test_functions(block.code) else ''}readme_example_{n}.py"
         if name in files or name == _CHECKER:
-            raise ValueError(f"README line {block.line}: a second block for {name}")
+            raise ValueError(f"{source} line {block.line}: a second block for {name}")
         files[name] = block
     expected: set[str] = set()
     modules: list[str] = []
@@ -137,7 +148,7 @@ def write_project(blocks: list[Block], root: Path) -> Project:
         if stem.startswith("test"):
             tests = test_functions(block.code)
             if not tests:
-                raise ValueError(f"README line {block.line}: {name} defines no test")
+                raise ValueError(f"{source} line {block.line}: {name} defines no test")
             expected |= {f"{stem}.{test}" for test in tests}
         elif stem != "conftest":
             modules.append(stem)
