@@ -24,12 +24,17 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 
 
-def _hooks() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("_docs_hooks", DOCS / "_hooks.py")
+def _load(name: str) -> ModuleType:
+    """A module of docs/ (MkDocs loads them by path: they are no package)."""
+    spec = importlib.util.spec_from_file_location(f"_docs_{name}", DOCS / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _hooks() -> ModuleType:
+    return _load("_hooks")
 
 
 @pytest.mark.process
@@ -86,3 +91,9 @@ def test_the_markers_expand_and_links_outside_the_site_lose_their_target(tmp_pat
     assert "CONVEYOR_NATS_URL" in hooks._MARKER.sub(
         lambda m: hooks._GENERATORS[m[1]](), "a\n<!-- variables -->\nb"
     )
+
+
+def test_sphinx_roles_of_docstrings_become_code_spans() -> None:
+    roles = _load("_griffe_roles")
+    text = "See :class:`Driver`, :meth:`~.app.Driver.run` and :data:`protocol.STREAM`."
+    assert roles.plain(text) == "See `Driver`, `run` and `protocol.STREAM`."
