@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint typecheck bench manifests docs docs-serve clean
+.PHONY: install demo test test-fast lint typecheck bench manifests docs docs-serve docs-screenshots clean
 
 $(STAMP): pyproject.toml conveyor_driver/_version.py
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,11 @@ docs: $(STAMP)
 
 docs-serve: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --strict
+
+# The home page, the tutorial and the API reference as Debian's chromium shows them, into
+# /tmp/docs-screenshots/ (tools/screenshots.py; needs /usr/bin/chromium, which .ci/run installs).
+docs-screenshots: docs
+	$(BIN)/python tools/screenshots.py --site site --out /tmp/docs-screenshots
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_dispatch.py

@@ -100,3 +100,24 @@ def _children_match_their_markers(
     yield
     if unmarked:
         pytest.fail(f"{request.node.nodeid} starts children without their markers: {unmarked}")
+
+
+@pytest.fixture(scope="session")
+def docs_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The documentation site, built strictly once for the tests that read or browse it.
+
+    The tests using it carry ``process`` (the build is a ``python -m mkdocs``); the build's
+    own failure is the first of them failing, with mkdocs' output.
+    """
+    site = tmp_path_factory.mktemp("docs") / "site"
+    done = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=150,
+        check=False,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return site

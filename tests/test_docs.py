@@ -31,6 +31,7 @@ CITING = sorted(
         *(ROOT / "tests").rglob("*.py"),
         *(ROOT / "examples").rglob("*.py"),
         *(ROOT / "bench").rglob("*.py"),
+        *(ROOT / "tools").rglob("*.py"),
         *DOCUMENTS,
     ]
     if path != Path(__file__).resolve()

@@ -9,9 +9,6 @@ name every command and every variable, from the same objects the program reads.
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -39,18 +36,8 @@ def _hooks() -> ModuleType:
 
 @pytest.mark.process
 @pytest.mark.slow
-def test_the_site_builds_strictly(tmp_path: Path) -> None:
-    site = tmp_path / "site"
-    done = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=150,
-        check=False,
-        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+def test_the_site_builds_strictly(docs_site: Path) -> None:
+    site = docs_site
     api = (site / "reference" / "api" / "index.html").read_text()
     for name in ("conveyor_driver.Driver", "conveyor_driver.testing.FakeContext"):
         assert f'id="{name}"' in api
