@@ -239,16 +239,10 @@ class Publisher:
         return int(orjson.loads(answer.data)["seq"])
 
     async def _request(self, subject: str, body: bytes, headers: dict[str, str] | None) -> Msg:
-        if not self._prefix:
-            await self.start()
-        self.check_size(body, headers)
-        reply = self._reply()
-        loop = asyncio.get_running_loop()
-        answer: asyncio.Future[Msg] = loop.create_future()
-        self._waiting[reply] = answer
-        self._expect(loop, reply, self.timeout)
+        answer: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+        reply = await self._reply()
+        await self._send(subject, body, headers, reply, answer, self.timeout)
         try:
-            await self.nc.publish(subject, body, reply=reply, headers=headers)
             msg = await answer
         finally:
             self._waiting.pop(reply, None)
@@ -290,9 +284,34 @@ class Publisher:
         """Publishes to send back to back and await together (see :class:`AckBatch`)."""
         return AckBatch(self)
 
-    def _reply(self) -> str:
+    async def _reply(self) -> str:
+        """A reply subject of its own for the next publish (subscribing first if need be)."""
+        if not self._prefix:
+            await self.start()
         self._sent += 1
         return f"{self._prefix}{self._sent}"
+
+    async def _send(
+        self,
+        subject: str,
+        body: bytes,
+        headers: dict[str, str] | None,
+        reply: str,
+        waiter: asyncio.Future[Msg] | AckBatch | _Unconfirmed,
+        within: float | None,
+    ) -> None:
+        """Publish with ``reply``, ``waiter`` registered for the answer (and timed out by
+        the sweeper after ``within`` seconds, unless None). A publish that cannot be sent
+        leaves nothing registered."""
+        self.check_size(body, headers)
+        self._waiting[reply] = waiter
+        if within is not None:
+            self._expect(asyncio.get_running_loop(), reply, within)
+        try:
+            await self.nc.publish(subject, body, reply=reply, headers=headers)
+        except BaseException:
+            self._waiting.pop(reply, None)
+            raise
 
     async def confirm(
         self, subject: str, body: bytes, within: float, on_missing: Callable[[], object]
@@ -304,16 +323,7 @@ class Publisher:
         ack sent this way is answered once the consumer has applied it (replicated, on a
         cluster), so a lost ack is noticed instead of showing up as a redelivery.
         """
-        if not self._prefix:
-            await self.start()
-        reply = self._reply()
-        self._waiting[reply] = _Unconfirmed(on_missing)
-        self._expect(asyncio.get_running_loop(), reply, within)
-        try:
-            await self.nc.publish(subject, body, reply=reply)
-        except BaseException:
-            self._waiting.pop(reply, None)
-            raise
+        await self._send(subject, body, None, await self._reply(), _Unconfirmed(on_missing), within)
 
     def _expect(self, loop: asyncio.AbstractEventLoop, reply: str, within: float) -> None:
         """Have the sweeper time out ``reply`` after ``within`` seconds."""
@@ -399,19 +409,14 @@ class AckBatch:
         (the connection) concerns the entries after it too.
         """
         publisher = self._publisher
-        if not publisher._prefix:
-            await publisher.start()
-        publisher.check_size(body, headers)
-        publisher._sent += 1
-        reply = f"{publisher._prefix}{publisher._sent}"
+        reply = await publisher._reply()
+        # Mapped before the send: the answer may be read while the send still waits.
         self._pending[reply] = len(self._answers)
         self._answers.append(None)
-        publisher._waiting[reply] = self
         try:
-            await publisher.nc.publish(subject, body, reply=reply, headers=headers)
+            await publisher._send(subject, body, headers, reply, self, None)
         except BaseException:
             del self._pending[reply]
-            publisher._waiting.pop(reply, None)
             self._answers.pop()
             raise
 
