@@ -163,12 +163,7 @@ def decode_driver_message(data: bytes, subject: str) -> DriverMessage:
     design document shows an object: both are accepted. A resource without a type takes it
     from the subject, which names it.
     """
-    try:
-        body = orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
-        raise DecodeError(f"body is not JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        raise DecodeError(f"body is a JSON {type(body).__name__}, not an object")
+    body = _json_object(data, "body is ", "an object")
     event = body.get("event")
     if not isinstance(event, str) or not event:
         raise DecodeError("'event' is missing or not a string")
@@ -241,12 +236,7 @@ def decode_stored_result(text: str, driver: str) -> DriverResult:
     ``driver`` fills in the name when the stored object lacks it (the ``DriverResult`` of
     ``pkg/types`` has no such field), so a result always says whose it is.
     """
-    try:
-        body = orjson.loads(text)
-    except orjson.JSONDecodeError as exc:
-        raise DecodeError(f"not JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        raise DecodeError(f"a JSON {type(body).__name__}, not a result object")
+    body = _json_object(text, "", "a result object")
     success, message = body.get("success"), body.get("message", "")
     if not isinstance(success, bool):
         raise DecodeError("'success' is missing or not a boolean")
@@ -311,3 +301,14 @@ def _reason(exc: BaseException) -> str:
 
         return "; ".join(transform_error(exc))
     return str(exc) or type(exc).__name__
+
+
+def _json_object(data: bytes | str, subject: str, wanted: str) -> dict[str, Any]:
+    """``data`` as a JSON object, or DecodeError: "<subject>not JSON" / "<subject>a JSON list"."""
+    try:
+        body = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise DecodeError(f"{subject}not JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise DecodeError(f"{subject}a JSON {type(body).__name__}, not {wanted}")
+    return body
