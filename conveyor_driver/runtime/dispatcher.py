@@ -60,6 +60,8 @@ class Delivery:
     attempt: int = 1
     headers: Mapping[str, str] | None = None
     earlier: tuple[str, ...] = ()
+    #: The body already decoded by whoever had to read it first (the ledger's admission).
+    message: DriverMessage | None = None
 
 
 @attrs.frozen
@@ -181,6 +183,8 @@ def _in_span(processed: Processed, span_context: SpanContext) -> Processed:
 
 
 def _decode(delivery: Delivery, log: FilteringBoundLogger) -> DriverMessage | Processed:
+    if delivery.message is not None:
+        return delivery.message
     try:
         return decode_driver_message(delivery.data, delivery.subject)
     except DecodeError as exc:

@@ -25,7 +25,7 @@ from nats.errors import MaxPayloadError
 from nats.js.errors import APIError
 
 from .. import protocol
-from ..models import DriverMessage, encode_result
+from ..models import DecodeError, DriverMessage, decode_driver_message, encode_result
 from ..outcomes import Action, Outcome, Result
 from ..telemetry import inject
 from .dispatcher import Delivery, Processed
@@ -92,10 +92,14 @@ class Settlement:
         not start on an unknown state.
         """
         delivered, sequence = protocol.parse_ack_subject(msg.reply)
-        delivery = Delivery(msg.data, msg.subject, delivered, msg.headers)
-        run_id = _run_id_of(msg.data) if self._ledger is not None else None
-        if self._ledger is None or run_id is None:  # no run id: the dispatcher terminates it
+        if self._ledger is None:
+            return Admission(Delivery(msg.data, msg.subject, delivered, msg.headers), sequence)
+        # Decoded once, here, for its run id; the dispatcher takes the message as it is.
+        message = _decoded(msg)
+        delivery = Delivery(msg.data, msg.subject, delivered, msg.headers, message=message)
+        if message is None:  # not a DriverMessage: the dispatcher terminates it
             return Admission(delivery, sequence)
+        run_id = message.run_id
         if delivered == 1:
             return Admission(delivery, sequence, RunRecord(run_id))
         record = await self._ledger.read(sequence, run_id)
@@ -318,6 +322,14 @@ def _run_id_of(data: bytes) -> str | None:
         return None
     run_id = body.get("run_id") if isinstance(body, dict) else None
     return run_id if isinstance(run_id, str) and run_id else None
+
+
+def _decoded(msg: Msg) -> DriverMessage | None:
+    """The message, or None when it is not one (the dispatcher says why, once)."""
+    try:
+        return decode_driver_message(msg.data, msg.subject)
+    except DecodeError:
+        return None
 
 
 def _megabytes(size: int) -> str:
