@@ -23,6 +23,9 @@ Environment:
     BENCH_LOOPS     event loops to run every contender on (default ``asyncio,uvloop``)
     BENCH_PROFILE   ``1``: afterwards, profile one framework run per concurrency (cProfile,
                     in this process)
+    BENCH_KINDS     contenders to run, comma-separated (default: all); the tables that
+                    compare a missing one are left out
+    BENCH_CONCURRENCY  concurrencies to run, comma-separated (default ``1,64``)
 
 See bench/README.md for how to read the output.
 """
@@ -54,7 +57,7 @@ N = int(os.environ.get("BENCH_N", "5000"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 LOOPS = tuple(os.environ.get("BENCH_LOOPS", "asyncio,uvloop").split(","))
 PROFILE = os.environ.get("BENCH_PROFILE", "") not in ("", "0")
-CONCURRENCIES = (1, 64)
+CONCURRENCIES = tuple(int(c) for c in os.environ.get("BENCH_CONCURRENCY", "1,64").split(","))
 #: Issue 11: the framework at >= 0.9 of the hand-written loop on the same event loop.
 TARGET = 0.9
 #: The run ledger's cost targets (issue 10): ledger on / off, by concurrency.
@@ -69,12 +72,17 @@ POLL_SLOWEST = 0.05
 RUN_TIMEOUT = 600.0
 CONTENDER = Path(__file__).resolve().parent / "_contender.py"
 #: In the tables' order; the kinds are _contender.KINDS.
-KINDS = (
+ALL_KINDS = (
     "hand-written",
     "framework",
     "framework-logged",
     "framework-ledger",
     "framework-unwatched",
+)
+KINDS = tuple(
+    kind
+    for kind in ALL_KINDS
+    if kind in os.environ.get("BENCH_KINDS", ",".join(ALL_KINDS)).split(",")
 )
 _TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -305,7 +313,7 @@ def report(samples: Samples) -> None:
                 rates = [run.rate for run in runs]
                 ratio = (
                     _paired(samples, (kind, loop, c), ("hand-written", loop, c))
-                    if kind != "hand-written"
+                    if kind != "hand-written" and "hand-written" in KINDS
                     else ""
                 )
                 print(
@@ -315,6 +323,17 @@ def report(samples: Samples) -> None:
                     f" {_median(runs, lambda s: s.us(s.server_cpu)):>11.1f}"
                     f" {_median(runs, lambda s: s.us(s.collector_cpu)):>9.1f}   {ratio}"
                 )
+    if {"hand-written", "framework", "framework-logged"} <= set(KINDS):
+        _report_dispatch(samples)
+    if {"framework", "framework-ledger"} <= set(KINDS):
+        _report_ledger(samples)
+    if {"framework", "framework-unwatched"} <= set(KINDS):
+        _report_watchdog(samples)
+    if "asyncio" in LOOPS and "uvloop" in LOOPS:
+        _report_uvloop(samples)
+
+
+def _report_dispatch(samples: Samples) -> None:
     print(
         "\nissue 11, targets 1 and 2: the framework / the hand-written loop on the same loop,"
         f" >= {TARGET}"
@@ -329,18 +348,22 @@ def report(samples: Samples) -> None:
                 )
                 cells.append(f"c{c} {_paired(samples, a, b)} {'ok' if ok else 'BELOW'}")
             print(f"  {loop:<8} {kind:<17} " + "   ".join(cells))
+
+
+def _report_ledger(samples: Samples) -> None:
     print("\nthe run ledger's cost: framework with the ledger / without (issue 10)")
     for loop in LOOPS:
         cells = []
         for c in CONCURRENCIES:
             a, b = ("framework-ledger", loop, c), ("framework", loop, c)
             on, off = (_median(samples[x], lambda s: s.rate) for x in (a, b))
-            target = LEDGER_TARGETS[c]
-            cells.append(
-                f"c{c} {_paired(samples, a, b)} target >= {target}:"
-                f" {'ok' if on / off >= target else 'BELOW'}"
-            )
+            target = LEDGER_TARGETS.get(c)
+            verdict = "" if target is None else "ok" if on / off >= target else "BELOW"
+            cells.append(f"c{c} {_paired(samples, a, b)} target >= {target}: {verdict}")
         print(f"  {loop:<8} " + "   ".join(cells))
+
+
+def _report_watchdog(samples: Samples) -> None:
     print(
         "\nthe loop watchdog's cost: framework / framework without it (issue 10:"
         f" at most {WATCHDOG_TARGET:.0%} at concurrency 64)"
@@ -358,14 +381,16 @@ def report(samples: Samples) -> None:
                 f"c{c} {_paired(samples, a, b)} CPU {cpu_on:.1f}/{cpu_off:.1f} us{verdict}"
             )
         print(f"  {loop:<8} " + "   ".join(cells))
-    if "asyncio" in LOOPS and "uvloop" in LOOPS:
-        print("\nwhat uvloop buys: each contender on uvloop / on asyncio")
-        for kind in KINDS:
-            cells = [
-                f"c{c} {_paired(samples, (kind, 'uvloop', c), (kind, 'asyncio', c))}"
-                for c in CONCURRENCIES
-            ]
-            print(f"  {kind:<17} " + "   ".join(cells))
+
+
+def _report_uvloop(samples: Samples) -> None:
+    print("\nwhat uvloop buys: each contender on uvloop / on asyncio")
+    for kind in KINDS:
+        cells = [
+            f"c{c} {_paired(samples, (kind, 'uvloop', c), (kind, 'asyncio', c))}"
+            for c in CONCURRENCIES
+        ]
+        print(f"  {kind:<17} " + "   ".join(cells))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+from collections.abc import AsyncIterator
 
 import pytest
 from nats.aio.client import Client
@@ -20,6 +21,8 @@ from nats.js.errors import (
 )
 
 from conveyor_driver import protocol as p
+from conveyor_driver.embedded import EmbeddedNats
+from conveyor_driver.runtime.connection import DriverClient
 from conveyor_driver.runtime.publisher import (
     Backoff,
     Publisher,
@@ -30,6 +33,39 @@ from conveyor_driver.runtime.publisher import (
 )
 
 HEADERS = {p.MSG_ID_HEADER: "publisher-test-1"}
+
+
+@pytest.fixture(params=["nats-py", "driver"])
+async def nats_client(
+    request: pytest.FixtureRequest, nats_server: EmbeddedNats
+) -> AsyncIterator[Client]:
+    """Every test here twice: on nats-py's own client, whose subscriptions queue each reply
+    for a task, and on the driver's, which hands plain replies over as they are read."""
+    nc = DriverClient() if request.param == "driver" else Client()
+    await nc.connect(nats_server.url)
+    try:
+        yield nc
+    finally:
+        await nc.close()
+
+
+async def test_the_drivers_client_hands_plain_answers_over_and_statuses_to_the_callback(
+    nats_server: EmbeddedNats,
+) -> None:
+    nc = DriverClient()
+    await nc.connect(nats_server.url)
+    try:
+        publisher = Publisher(nc)
+        for n in range(3):
+            await publisher.publish(p.RESULT_SUBJECT, b"{}", {p.MSG_ID_HEADER: f"direct-{n}"})
+        assert publisher._sub is not None
+        assert publisher._sub.delivered == 0  # none went through the subscription's queue
+        with pytest.raises(NoStreamResponseError):  # a 503 status: headers, nats-py's way
+            await publisher.publish("nowhere.at.all", b"{}")
+        assert publisher._sub.delivered == 1
+        assert await stored(nc) == 3
+    finally:
+        await nc.close()
 
 
 async def stored(nc: Client, stream: str = p.PIPELINE_STREAM) -> int:
@@ -176,10 +212,6 @@ async def test_a_batch_left_unanswered_reads_as_timeouts(nats_client: Client) ->
     assert publisher._waiting == {}
 
 
-def answer(data: bytes, headers: dict[str, str] | None = None) -> Msg:
-    return Msg(_client=None, subject="_INBOX.x.1", data=data, headers=headers)  # type: ignore[arg-type]
-
-
 @pytest.mark.parametrize(
     ("data", "headers", "expected"),
     [
@@ -202,7 +234,7 @@ def answer(data: bytes, headers: dict[str, str] | None = None) -> Msg:
 def test_answers_are_read_one_way(
     data: bytes, headers: dict[str, str] | None, expected: type[Exception] | None
 ) -> None:
-    error = answer_error(answer(data, headers))
+    error = answer_error(data, headers)
     if expected is None:
         assert error is None
     else:
@@ -210,8 +242,8 @@ def test_answers_are_read_one_way(
 
 
 def test_what_is_permanent() -> None:
-    permanent = answer_error(answer(b'{"error":{"code":418,"description":"odd"}}'))
-    unreadable = answer_error(answer(b"not json"))
+    permanent = answer_error(b'{"error":{"code":418,"description":"odd"}}')
+    unreadable = answer_error(b"not json")
     assert permanent is not None and is_permanent(permanent)
     assert unreadable is not None and not is_permanent(unreadable)
     assert not is_permanent(ConnectionError())

@@ -4,7 +4,8 @@ With TLS configured, the connection is hardened here too: a server that does not
 TLS is refused (nats-py would fall back to plaintext), a TLS failure becomes one line that
 says what to fix, and asyncio's harmless warning about closed TLS streams is kept out of
 the log. Loading and checking the certificates themselves is :mod:`conveyor_driver.tls`'s
-job.
+job. The client itself (:class:`DriverClient`) also reads the publisher's replies straight
+off the wire.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ async def connect(
         if on_reconnect is not None:
             await on_reconnect()
 
-    nc = Client() if tls is None else TLSOnlyClient()
+    nc = DriverClient() if tls is None else TLSOnlyClient()
     connecting = asyncio.ensure_future(
         nc.connect(
             servers=list(urls),
@@ -115,6 +116,44 @@ async def connect(
     return nc
 
 
+class DriverClient(Client):
+    """nats-py's client, with a subscription's plain replies handed over as they are read.
+
+    nats-py puts every message it reads on its subscription's queue, for the subscription's
+    task to build a ``Msg`` and await the callback: two event-loop turns and a dataclass per
+    message. The publisher's reply inbox gets a PubAck per result, one per ledger write and
+    an ack's confirmation per run, and that machinery was most of what a reply cost.
+    :meth:`read_directly` hands such a subscription's messages to a plain function instead,
+    as the parser reads them. A message with headers (a status such as "no responders")
+    still goes nats-py's way, to the subscription's callback, which must handle every
+    message too: the subscription keeps working if a future nats-py stops calling
+    ``_process_msg``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._direct: dict[int, Callable[[bytes, bytes], None]] = {}
+
+    def read_directly(self, sid: int, handler: Callable[[bytes, bytes], None] | None) -> None:
+        """Hand subscription ``sid``'s messages without headers to ``handler(subject, data)``
+        (None: back to its callback). ``handler`` must not raise and must not block."""
+        if handler is None:
+            self._direct.pop(sid, None)
+        else:
+            self._direct[sid] = handler
+
+    async def _process_msg(
+        self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes
+    ) -> None:
+        handler = self._direct.get(sid)
+        if handler is None or headers:
+            await super()._process_msg(sid, subject, reply, data, headers)
+            return
+        self.stats["in_msgs"] += 1
+        self.stats["in_bytes"] += len(data)
+        handler(subject, data)
+
+
 # -- TLS on the NATS connection ---------------------------------------------------------
 
 
@@ -137,7 +176,7 @@ class PlaintextServerError(NatsError):
         )
 
 
-class TLSOnlyClient(Client):
+class TLSOnlyClient(DriverClient):
     """A NATS client that refuses a server which does not require TLS.
 
     nats-py upgrades to TLS only when the server's INFO says ``tls_required`` and otherwise

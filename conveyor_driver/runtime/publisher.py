@@ -37,6 +37,7 @@ from nats.js.errors import (
 )
 
 from .. import protocol
+from .connection import DriverClient
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -79,8 +80,8 @@ class Backoff:
 DEFAULT_BACKOFF = Backoff(first=0.1, cap=5.0)
 
 
-def answer_error(msg: Msg) -> NatsError | None:
-    """None when ``msg`` is a PubAck; otherwise the error it reports, not raised.
+def answer_error(data: bytes, headers: dict[str, str] | None = None) -> NatsError | None:
+    """None when an answer is a PubAck; otherwise the error it reports, not raised.
 
     A PubAck is recognised by its first bytes, without a JSON decode: nats-server writes the
     error first when there is one. Anything else is decoded: a JetStream error becomes the
@@ -89,11 +90,9 @@ def answer_error(msg: Msg) -> NatsError | None:
     takes the subject, or none has a leader yet), and an answer that cannot be read is an
     ``APIError`` without a code (weather: it is tried again).
     """
-    data = msg.data
     if data.startswith(_PUBACK_START):
         return None
     if not data:
-        headers = msg.headers
         if headers and headers.get(protocol.STATUS_HEADER) == protocol.STATUS_NO_RESPONDERS:
             return NoStreamResponseError()
         return APIError(description="an empty answer")
@@ -165,7 +164,7 @@ class Publisher:
         self._prefix = ""
         self._sent = 0
         self._sub: Subscription | None = None
-        self._waiting: dict[str, asyncio.Future[Msg] | AckBatch | _Unconfirmed] = {}
+        self._waiting: dict[str, asyncio.Future[bytes] | AckBatch | _Unconfirmed] = {}
         #: (deadline, reply) in the order sent, one queue per wait (so each stays in
         #: deadline order): one sweeper task times them all out, where a timer per
         #: publish would cost more than the rest of the publish.
@@ -200,6 +199,8 @@ class Publisher:
         except BaseException:
             self._prefix = ""
             raise
+        if isinstance(self.nc, DriverClient):
+            self.nc.read_directly(self._sub._id, self._on_plain_answer)
 
     async def close(self) -> None:
         """Stop listening; publishes still waiting time out."""
@@ -209,6 +210,8 @@ class Publisher:
         if sweeper is not None:
             sweeper.cancel()
         if sub is not None:
+            if isinstance(self.nc, DriverClient):
+                self.nc.read_directly(sub._id, None)
             with contextlib.suppress(NatsError):
                 await sub.unsubscribe()
 
@@ -236,20 +239,17 @@ class Publisher:
         """:meth:`publish`, returning the stream sequence the message got (a key-value
         entry's revision), for writes that build on it."""
         answer = await self._request(subject, body, headers)
-        return int(orjson.loads(answer.data)["seq"])
+        return int(orjson.loads(answer)["seq"])
 
-    async def _request(self, subject: str, body: bytes, headers: dict[str, str] | None) -> Msg:
-        answer: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+    async def _request(self, subject: str, body: bytes, headers: dict[str, str] | None) -> bytes:
+        """The PubAck's body; its error raised."""
+        answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         reply = await self._reply()
         await self._send(subject, body, headers, reply, answer, self.timeout)
         try:
-            msg = await answer
+            return await answer
         finally:
             self._waiting.pop(reply, None)
-        error = answer_error(msg)
-        if error is not None:
-            raise error
-        return msg
 
     async def publish_until_stored(
         self,
@@ -297,7 +297,7 @@ class Publisher:
         body: bytes,
         headers: dict[str, str] | None,
         reply: str,
-        waiter: asyncio.Future[Msg] | AckBatch | _Unconfirmed,
+        waiter: asyncio.Future[bytes] | AckBatch | _Unconfirmed,
         within: float | None,
     ) -> None:
         """Publish with ``reply``, ``waiter`` registered for the answer (and timed out by
@@ -371,22 +371,34 @@ class Publisher:
                 self._sweeper = None
 
     async def _on_answer(self, msg: Msg) -> None:
-        waiter = self._waiting.pop(msg.subject, None)
-        if waiter is None:
+        self._answered(msg.subject, msg.data, msg.headers)
+
+    def _on_plain_answer(self, subject: bytes, data: bytes) -> None:
+        """An answer without headers, as the client reads it (:class:`DriverClient`)."""
+        self._answered(subject.decode(), data, None)
+
+    def _answered(self, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
+        waiter = self._waiting.pop(reply, None)
+        if waiter is None or isinstance(waiter, _Unconfirmed):
             return
+        error = answer_error(data, headers)
         if isinstance(waiter, AckBatch):
-            waiter._answered(msg)
-        elif isinstance(waiter, _Unconfirmed):
+            waiter._answered(reply, error)
+        elif waiter.done():
             return
-        elif not waiter.done():
-            waiter.set_result(msg)
+        elif error is None:
+            waiter.set_result(data)
+        else:
+            waiter.set_exception(error)
 
 
-@attrs.frozen
 class _Unconfirmed:
-    """A :meth:`Publisher.confirm` still waiting for its answer."""
+    """A :meth:`Publisher.confirm` still waiting for its answer (one per run: no attrs)."""
 
-    on_missing: Callable[[], object]
+    __slots__ = ("on_missing",)
+
+    def __init__(self, on_missing: Callable[[], object]) -> None:
+        self.on_missing = on_missing
 
 
 class AckBatch:
@@ -437,9 +449,8 @@ class AckBatch:
             self._pending.clear()
         return self._answers
 
-    def _answered(self, msg: Msg) -> None:
-        index = self._pending.pop(msg.subject)
-        if not msg.data.startswith(_PUBACK_START):  # a PubAck leaves its None in place
-            self._answers[index] = answer_error(msg)
+    def _answered(self, reply: str, error: NatsError | None) -> None:
+        index = self._pending.pop(reply)
+        self._answers[index] = error
         if not self._pending and self._all is not None and not self._all.done():
             self._all.set_result(None)
