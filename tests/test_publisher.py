@@ -8,6 +8,7 @@ import itertools
 from collections.abc import AsyncIterator
 
 import pytest
+from _helpers import wait_until
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import MaxPayloadError
@@ -247,3 +248,37 @@ def test_what_is_permanent() -> None:
     assert permanent is not None and is_permanent(permanent)
     assert unreadable is not None and not is_permanent(unreadable)
     assert not is_permanent(ConnectionError())
+
+
+async def test_a_direct_handler_that_raises_is_reported_and_reading_goes_on(
+    nats_server: EmbeddedNats,
+) -> None:
+    errors: list[Exception] = []
+    seen: list[bytes] = []
+
+    async def error_cb(exc: Exception) -> None:
+        errors.append(exc)
+
+    async def queued(msg: Msg) -> None:
+        seen.append(b"queued " + msg.data)
+
+    def direct(subject: bytes, data: bytes) -> None:
+        if data == b"bad":
+            raise ValueError("a broken handler")
+        seen.append(data)
+
+    nc = DriverClient()
+    await nc.connect(nats_server.url, error_cb=error_cb)
+    try:
+        sub = await nc.subscribe("direct.*", cb=queued)
+        nc.read_directly(sub._id, direct)
+        for data in (b"bad", b"good"):
+            await nc.publish("direct.x", data)
+        await nc.publish("direct.x", b"with headers", headers={"a": "b"})
+        await nc.flush()
+        # the one with headers is handed over later, by the subscription's task
+        await wait_until(lambda: len(seen) == 2, what="both readable messages handled")
+        assert [str(e) for e in errors] == ["a broken handler"]
+        assert seen == [b"good", b"queued with headers"]
+    finally:
+        await nc.close()

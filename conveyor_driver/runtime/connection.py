@@ -136,7 +136,8 @@ class DriverClient(Client):
 
     def read_directly(self, sid: int, handler: Callable[[bytes, bytes], None] | None) -> None:
         """Hand subscription ``sid``'s messages without headers to ``handler(subject, data)``
-        (None: back to its callback). ``handler`` must not raise and must not block."""
+        (None: back to its callback). ``handler`` runs inside the read loop, so it must not
+        block; what it raises goes to the connection's error callback."""
         if handler is None:
             self._direct.pop(sid, None)
         else:
@@ -151,7 +152,10 @@ class DriverClient(Client):
             return
         self.stats["in_msgs"] += 1
         self.stats["in_bytes"] += len(data)
-        handler(subject, data)
+        try:
+            handler(subject, data)
+        except Exception as exc:  # the read loop must go on: the error callback hears it
+            await self._error_cb(exc)
 
 
 # -- TLS on the NATS connection ---------------------------------------------------------
