@@ -335,15 +335,28 @@ class RunLedger:
     async def summary(self) -> dict[str, int]:
         """Counts over every record, for ``conveyor-driver status``."""
         counts = {"finished": 0, "running": 0, "fenced": 0, "skipped_as_duplicate": 0}
+        # Counted to the bucket's size, not to the watcher's "no more" marker: nats-py can
+        # send that marker before a record already on its way (it asks the consumer what
+        # is pending, and one delivered but not yet read is not).
+        expected = (await self._kv.status()).values
+        if not expected:
+            return counts
         watcher = await self._kv.watchall(ignore_deletes=True)
+        seen = 0
         # nats-py leaves the watcher's methods unannotated.
         try:
-            while (entry := await watcher.updates(timeout=5.0)) is not None:  # type: ignore[no-untyped-call]
+            while seen < expected:
+                entry = await watcher.updates(timeout=5.0)  # type: ignore[no-untyped-call]
+                if entry is None:
+                    continue
+                seen += 1
                 record = RunRecord.decode(entry.value or b"{}")
                 counts["finished"] += record.finished
                 counts["running"] += record.state == RUNNING
                 counts["fenced"] += record.fenced
                 counts["skipped_as_duplicate"] += record.duplicates
+        except (NatsError, TimeoutError):
+            pass  # records expired meanwhile: the counts are of those still there
         finally:
             await watcher.stop()  # type: ignore[no-untyped-call]
         return counts
