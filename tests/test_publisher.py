@@ -262,7 +262,7 @@ async def test_a_direct_handler_that_raises_is_reported_and_reading_goes_on(
     async def queued(msg: Msg) -> None:
         seen.append(b"queued " + msg.data)
 
-    def direct(subject: bytes, data: bytes) -> None:
+    def direct(subject: bytes, reply: bytes, data: bytes) -> None:
         if data == b"bad":
             raise ValueError("a broken handler")
         seen.append(data)

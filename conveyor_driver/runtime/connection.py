@@ -117,43 +117,43 @@ async def connect(
 
 
 class DriverClient(Client):
-    """nats-py's client, with a subscription's plain replies handed over as they are read.
+    """nats-py's client, with a subscription's plain messages handed over as they are read.
 
     nats-py puts every message it reads on its subscription's queue, for the subscription's
     task to build a ``Msg`` and await the callback: two event-loop turns and a dataclass per
-    message. The publisher's reply inbox gets a PubAck per result, one per ledger write and
-    an ack's confirmation per run, and that machinery was most of what a reply cost.
-    :meth:`read_directly` hands such a subscription's messages to a plain function instead,
-    as the parser reads them. A message with headers (a status such as "no responders")
-    still goes nats-py's way, to the subscription's callback, which must handle every
-    message too: the subscription keeps working if a future nats-py stops calling
-    ``_process_msg``.
+    message. Every run brings the pull consumer's delivery, the result's PubAck and, with
+    the run ledger, a write's PubAck and the ack's confirmation: that machinery was a good
+    part of what a run cost. :meth:`read_directly` hands such a subscription's messages to
+    a plain function instead, as the parser reads them. A message with headers (a status
+    such as "no responders" or "request timeout") still goes nats-py's way, to the
+    subscription's callback, which must handle every message too: the subscription keeps
+    working if a future nats-py stops calling ``_process_msg``.
     """
 
     def __init__(self) -> None:
         super().__init__()
-        self._direct: dict[int, Callable[[bytes, bytes], None]] = {}
+        self._direct: dict[int, Callable[[bytes, bytes, bytes], None]] = {}
 
-    def read_directly(self, sid: int, handler: Callable[[bytes, bytes], None] | None) -> None:
-        """Hand subscription ``sid``'s messages without headers to ``handler(subject, data)``
-        (None: back to its callback). ``handler`` runs inside the read loop, so it must not
-        block; what it raises goes to the connection's error callback."""
-        if handler is None:
-            self._direct.pop(sid, None)
-        else:
-            self._direct[sid] = handler
+    def read_directly(self, sid: int, handler: Callable[[bytes, bytes, bytes], None]) -> None:
+        """Hand subscription ``sid``'s messages without headers to ``handler(subject, reply,
+        data)`` until it is unsubscribed. ``handler`` runs inside the read loop, so it must
+        not block; what it raises goes to the connection's error callback."""
+        self._direct[sid] = handler
 
     async def _process_msg(
         self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes
     ) -> None:
         handler = self._direct.get(sid)
+        if handler is not None and sid not in self._subs:  # unsubscribed: dropped as before
+            del self._direct[sid]
+            handler = None
         if handler is None or headers:
             await super()._process_msg(sid, subject, reply, data, headers)
             return
         self.stats["in_msgs"] += 1
         self.stats["in_bytes"] += len(data)
         try:
-            handler(subject, data)
+            handler(subject, reply, data)
         except Exception as exc:  # the read loop must go on: the error callback hears it
             await self._error_cb(exc)
 

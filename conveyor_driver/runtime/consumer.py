@@ -26,6 +26,7 @@ from nats.errors import Error as NatsError
 from structlog.typing import FilteringBoundLogger
 
 from .. import protocol
+from .connection import DriverClient
 from .dispatcher import Services, process
 from .ledger import Fenced
 from .lifetime import RunBudget
@@ -131,7 +132,7 @@ class Consumer:
     async def start(self) -> None:
         await self._publisher.start()
         self._inbox = self._nc.new_inbox()
-        self._sub = await self._nc.subscribe(self._inbox, cb=self._on_message)
+        self._sub = await self._subscribe()
         self._last_busy = time.monotonic()
         self._tasks = [
             asyncio.create_task(self._pull_forever(), name="pull"),
@@ -270,7 +271,7 @@ class Consumer:
         self._stale_inbox = False
         old, self._inbox = self._sub, self._nc.new_inbox()
         try:
-            self._sub = await self._nc.subscribe(self._inbox, cb=self._on_message)
+            self._sub = await self._subscribe()
         except NatsError:
             self._stale_inbox = True
             raise
@@ -279,13 +280,30 @@ class Consumer:
                 with contextlib.suppress(NatsError):
                     await closing.unsubscribe()
 
+    async def _subscribe(self) -> Subscription:
+        """The pull inbox; with the driver's client, its plain deliveries skip nats-py's
+        queue and task (:class:`~.connection.DriverClient`)."""
+        sub = await self._nc.subscribe(self._inbox, cb=self._on_message)
+        if isinstance(self._nc, DriverClient):
+            self._nc.read_directly(sub._id, self._on_plain_delivery)
+        return sub
+
+    def _on_plain_delivery(self, subject: bytes, reply: bytes, data: bytes) -> None:
+        msg = Msg(self._nc, subject.decode(), reply.decode(), data)
+        self.last_activity = time.monotonic()
+        self._start(msg)
+
     async def _on_message(self, msg: Msg) -> None:
-        self.last_activity = now = time.monotonic()
+        self.last_activity = time.monotonic()
         headers = msg.headers
         if headers and protocol.STATUS_HEADER in headers and not msg.data:
             await self._on_status(headers)
             return
-        self._last_busy = now
+        self._start(msg)
+
+    def _start(self, msg: Msg) -> None:
+        """A delivery: its run starts in a task of its own (or it goes back, if no slot)."""
+        self._last_busy = now = self.last_activity
         self._requested = max(self._requested - 1, 0)
         over_budget = self.budget.left(len(self._running)) <= 0
         if self._stopping or len(self._running) >= self.concurrency or over_budget:

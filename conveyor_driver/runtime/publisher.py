@@ -210,8 +210,6 @@ class Publisher:
         if sweeper is not None:
             sweeper.cancel()
         if sub is not None:
-            if isinstance(self.nc, DriverClient):
-                self.nc.read_directly(sub._id, None)
             with contextlib.suppress(NatsError):
                 await sub.unsubscribe()
 
@@ -373,7 +371,7 @@ class Publisher:
     async def _on_answer(self, msg: Msg) -> None:
         self._answered(msg.subject, msg.data, msg.headers)
 
-    def _on_plain_answer(self, subject: bytes, data: bytes) -> None:
+    def _on_plain_answer(self, subject: bytes, reply: bytes, data: bytes) -> None:
         """An answer without headers, as the client reads it (:class:`DriverClient`)."""
         self._answered(subject.decode(), data, None)
 
