@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import itertools
 import os
 import sys
@@ -32,6 +33,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from conveyor_driver import Context, Driver, loops, protocol
+from conveyor_driver.runtime.server import serve
 from conveyor_driver.settings import Settings
 
 #: What each contender is; the framework's are its ledger switch and its log level.
@@ -57,7 +59,9 @@ class HandWritten:
     - the ack and the next pull are published together, so they leave in one write;
     - every PubAck arrives on one wildcard subscription, matched by its last token, and
       the ack is sent from that callback: no task, future or timer per message;
-    - orjson, and no client-side subject validation.
+    - orjson, and no client-side subject validation;
+    - the garbage collector set as the framework sets it for serving: the start-up heap
+      frozen, the youngest generation collected every 10,000 allocations, not 700.
     """
 
     def __init__(self, nc: Client, name: str, slots: int, on_first: Callable[[], None]) -> None:
@@ -152,6 +156,9 @@ class Contender:
         if self._kind == "hand-written":
             nc = await nats.connect(self._url, skip_subject_validation=True)
             loop = HandWritten(nc, name, slots, self._first)
+            gc.collect()
+            gc.freeze()
+            gc.set_threshold(10_000, *gc.get_threshold()[1:])
             await loop.start()
 
             async def stop_loop() -> None:
@@ -185,7 +192,8 @@ class Contender:
             log_format="json",
             ledger=self._kind == "framework-ledger",
         )
-        task = asyncio.create_task(driver.serve(settings))
+        # As `conveyor-driver run` serves it: the process is the driver's.
+        task = asyncio.create_task(serve(driver, settings, owns_process=True))
 
         async def stop_driver() -> None:
             task.cancel()

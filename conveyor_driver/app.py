@@ -235,6 +235,7 @@ class Driver:
         OpenTelemetry SDK from the same ``OTEL_*`` variables.
         """
         from .loops import run
+        from .runtime.server import serve
         from .settings import Settings
         from .telemetry import configure_from_env
 
@@ -243,7 +244,7 @@ class Driver:
             self.name, prometheus=settings.http_port is not None
         )
         try:
-            run(self.serve(settings), settings.loop)
+            run(serve(self, settings, owns_process=True), settings.loop)
         finally:
             if shutdown_telemetry is not None:
                 shutdown_telemetry()

@@ -38,6 +38,7 @@ from .backlog import BacklogWatch
 from .connection import connect
 from .consumer import Consumer, ensure_consumer, ensuring_what
 from .dispatcher import HandlerThreads, Services
+from .heap import settle_for_serving
 from .hooks import call_hook
 from .ledger import RunLedger
 from .lifetime import concurrency_within, until_stopped
@@ -57,9 +58,15 @@ if TYPE_CHECKING:
     from ..tls import TLSConfig
 
 
-async def serve(driver: Driver, settings: Settings | None = None) -> None:
+async def serve(
+    driver: Driver, settings: Settings | None = None, *, owns_process: bool = False
+) -> None:
     """Run ``driver`` until SIGINT/SIGTERM, ``max_runs`` or ``exit_when_idle`` (see
-    :mod:`.lifetime`), or until this coroutine is cancelled."""
+    :mod:`.lifetime`), or until this coroutine is cancelled.
+
+    ``owns_process``: the process is the driver's (``Driver.run()``, hence
+    ``conveyor-driver run``), so its garbage collector is set for serving (:mod:`.heap`).
+    """
     settings = settings or Settings.from_env()
     driver.check()
     if settings.workers > 1:
@@ -187,6 +194,8 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
             _install_signal_handlers(stop)
             if settings.worker_index is not None:
                 stack.callback(watch_supervisor(stop, log).cancel)
+            if owns_process:
+                settle_for_serving()
             await consumer.start()
             state.consumer = consumer
             watchdog = LoopWatchdog(
