@@ -33,7 +33,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from conveyor_driver import Context, Driver, loops, protocol
-from conveyor_driver.runtime.server import serve
+from conveyor_driver.runtime.heap import owned_by_driver
 from conveyor_driver.settings import Settings
 
 #: What each contender is; the framework's are its ledger switch and its log level.
@@ -193,7 +193,8 @@ class Contender:
             ledger=self._kind == "framework-ledger",
         )
         # As `conveyor-driver run` serves it: the process is the driver's.
-        task = asyncio.create_task(serve(driver, settings, owns_process=True))
+        with owned_by_driver():
+            task = asyncio.create_task(driver.serve(settings))
 
         async def stop_driver() -> None:
             task.cancel()

@@ -235,7 +235,7 @@ class Driver:
         OpenTelemetry SDK from the same ``OTEL_*`` variables.
         """
         from .loops import run
-        from .runtime.server import serve
+        from .runtime.heap import owned_by_driver
         from .settings import Settings
         from .telemetry import configure_from_env
 
@@ -244,7 +244,8 @@ class Driver:
             self.name, prometheus=settings.http_port is not None
         )
         try:
-            run(serve(self, settings, owns_process=True), settings.loop)
+            with owned_by_driver():
+                run(self.serve(settings), settings.loop)
         finally:
             if shutdown_telemetry is not None:
                 shutdown_telemetry()

@@ -15,22 +15,45 @@ consuming:
   garbage, rare on a run's way, waits a little longer to be freed.
 
 ``Driver.serve()`` inside an application's own event loop leaves the collector alone: the
-process is the application's.
+process is the application's. Which case applies is a context variable that
+``Driver.run()`` sets around its event loop (:func:`owned_by_driver`), so nothing of it
+outlives the call.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import gc
+from collections.abc import Iterator
 
 #: Net allocations between two collections of the youngest generation, once serving.
 YOUNG_THRESHOLD = 10_000
 
 
+_owned: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "conveyor_driver_owns_process", default=False
+)
+
+
+@contextlib.contextmanager
+def owned_by_driver() -> Iterator[None]:
+    """Within this block, the process is the driver's: serving settles its collector."""
+    token = _owned.set(True)
+    try:
+        yield
+    finally:
+        _owned.reset(token)
+
+
 def settle_for_serving() -> None:
-    """Freeze the start-up heap and collect young objects less often (see the module).
+    """In a process the driver owns, freeze the start-up heap and collect young objects
+    less often (see the module); elsewhere, nothing.
 
     A collector switched off (threshold 0) or already set higher stays as it is.
     """
+    if not _owned.get():
+        return
     gc.collect()
     gc.freeze()
     young, middle, old = gc.get_threshold()

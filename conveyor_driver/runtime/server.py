@@ -58,14 +58,12 @@ if TYPE_CHECKING:
     from ..tls import TLSConfig
 
 
-async def serve(
-    driver: Driver, settings: Settings | None = None, *, owns_process: bool = False
-) -> None:
+async def serve(driver: Driver, settings: Settings | None = None) -> None:
     """Run ``driver`` until SIGINT/SIGTERM, ``max_runs`` or ``exit_when_idle`` (see
     :mod:`.lifetime`), or until this coroutine is cancelled.
 
-    ``owns_process``: the process is the driver's (``Driver.run()``, hence
-    ``conveyor-driver run``), so its garbage collector is set for serving (:mod:`.heap`).
+    Under ``Driver.run()`` (hence ``conveyor-driver run``) the process is the driver's, and
+    its garbage collector is set for serving once started (:mod:`.heap`).
     """
     settings = settings or Settings.from_env()
     driver.check()
@@ -194,8 +192,7 @@ async def serve(
             _install_signal_handlers(stop)
             if settings.worker_index is not None:
                 stack.callback(watch_supervisor(stop, log).cancel)
-            if owns_process:
-                settle_for_serving()
+            settle_for_serving()
             await consumer.start()
             state.consumer = consumer
             watchdog = LoopWatchdog(
