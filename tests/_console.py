@@ -8,13 +8,14 @@ what they print; ``#`` lines are the reader's notes. Its commands run one after 
 **Output.** A command must succeed. When the block shows lines after it, they are compared
 with what it printed (stdout and stderr, as a terminal shows them), as doctest does with
 ``ELLIPSIS`` and ``NORMALIZE_WHITESPACE``: ``...`` stands for any text, lines included
-(``...`` alone on a line: any lines). Shown output that is JSON is compared as JSON with
-the JSON the command printed (key order and layout free, ``"..."`` any value), so a page may
-show a result compacted. What differs from run to run needs no ``...``: a UUID (run and
-message ids) matches any UUID, an ISO timestamp any timestamp, and the test's ports print
-as the reader's (``127.0.0.1:4222``). A command shown without output is not compared. What
-a background command shows is what it printed until it was stopped; the lines after those
-shown (its shutdown) are not compared.
+(``...`` alone on a line: any lines). Shown output that ends with a JSON value is compared
+as JSON with the JSON the command printed last (key order and layout free, ``"..."`` any
+value), so a page may show a result compacted; the lines before it are compared as text.
+What differs from run to run needs no ``...``: a UUID (run and message ids) matches any
+UUID, an ISO timestamp any timestamp, and the test's ports print as the reader's
+(``127.0.0.1:4222``). A command shown without output is not compared. What a background
+command shows is what it printed until it was stopped; the lines after those shown (its
+shutdown) are not compared.
 
 What the runner arranges, so that examples written for a laptop run in the suite:
 
@@ -148,7 +149,7 @@ def commands(code: str, first_line: int = 0, *, in_repository: bool = False) -> 
             Command(
                 first_line + start + 1,
                 text,
-                ampersand or _words(text)[:2] == ["conveyor-driver", "run"],
+                ampersand or _serves(text),
                 stop_first=stop,
                 wait_for=wait,
                 in_repository=in_repository,
@@ -168,6 +169,14 @@ def _replace(command: Command, **changes: Any) -> Command:
 
 def _words(text: str) -> list[str]:
     return shlex.split(text.replace("\\\n", " "), comments=True)
+
+
+def _serves(text: str) -> bool:
+    """Whether a command is a ``conveyor-driver run`` (after any ``VAR=value`` words)."""
+    words = _words(text)
+    while words and re.match(r"^[A-Za-z_]\w*=", words[0]):
+        words.pop(0)
+    return words[:2] == ["conveyor-driver", "run"]
 
 
 def known_extras() -> set[str]:
@@ -202,32 +211,31 @@ def _normal(text: str) -> str:
 def output_matches(shown: str, printed: str) -> bool:
     """Whether a command's output is what the page shows for it (see the module's doc)."""
     shown, printed = _normal(shown), _normal(printed)
-    want = _json(shown)
-    if want is not _NOT_JSON:
-        return _json_matches(want, _printed_json(printed, shown.lstrip()[0]))
-    return doctest.OutputChecker().check_output(shown, printed, _DOCTEST)
+    head, want = _split_json(shown)
+    if want is _NOT_JSON:
+        return _doctest_matches(shown, printed)
+    got_head, got = _split_json(printed)
+    return _doctest_matches(head, got_head) and _json_matches(want, got)
 
 
 _NOT_JSON = object()
 
 
-def _json(text: str) -> Any:
-    if not text.lstrip().startswith(("{", "[")):
-        return _NOT_JSON
-    try:
-        return json.loads(text)
-    except ValueError:
-        return _NOT_JSON
+def _doctest_matches(shown: str, printed: str) -> bool:
+    return doctest.OutputChecker().check_output(shown, printed, _DOCTEST)
 
 
-def _printed_json(printed: str, opening: str) -> Any:
-    """The JSON value a command printed: from its first line that opens one."""
-    lines = printed.splitlines()
+def _split_json(text: str) -> tuple[str, Any]:
+    """The lines before the JSON value that ends ``text``, and that value (if it has one)."""
+    lines = text.splitlines(keepends=True)
     for n, line in enumerate(lines):
-        if line.startswith(opening):
+        if line.startswith(("{", "[")):
+            rest = "".join(lines[n:])
             with suppress(ValueError):
-                return json.JSONDecoder().raw_decode("\n".join(lines[n:]))[0]
-    return _NOT_JSON
+                value, end = json.JSONDecoder().raw_decode(rest)
+                if not rest[end:].strip():
+                    return "".join(lines[:n]), value
+    return text, _NOT_JSON
 
 
 def _json_matches(want: Any, got: Any) -> bool:
@@ -351,7 +359,7 @@ class Session:
 
     def _start(self, command: Command) -> None:
         script = self._script(command)
-        serves = _words(command.text)[:2] == ["conveyor-driver", "run"]
+        serves = _serves(command.text)
         port = _PORT.search(script)
         assert serves or port, (
             f"line {command.line}: only `conveyor-driver run`, or a command naming the "
@@ -360,7 +368,7 @@ class Session:
         log = self.cwd / f".background-{len(self._background) + len(self._stopped)}.log"
         with log.open("wb") as out:
             proc = subprocess.Popen(
-                ["bash", "-c", f"exec {script}"],
+                ["bash", "-c", script],
                 cwd=ROOT if command.in_repository else self.cwd,
                 env=self.env,
                 stdout=out,
