@@ -12,10 +12,10 @@ with what it printed (stdout and stderr, as a terminal shows them), as doctest d
 as JSON with the JSON the command printed last (key order and layout free, ``"..."`` any
 value), so a page may show a result compacted; the lines before it are compared as text.
 What differs from run to run needs no ``...``: a UUID (run and message ids) matches any
-UUID, an ISO timestamp any timestamp, and the test's ports print as the reader's
-(``127.0.0.1:4222``). A command shown without output is not compared. What a background
-command shows is what it printed until it was stopped; the lines after those shown (its
-shutdown) are not compared.
+UUID, an ISO timestamp any timestamp, and the test's URLs, files and ports print as the
+reader's (``127.0.0.1:4222``, ``https://github.com/...``). A command shown without output
+is not compared. What a background command shows is what it printed until it was stopped;
+the lines after those shown (its shutdown) are not compared.
 
 What the runner arranges, so that examples written for a laptop run in the suite:
 
@@ -48,12 +48,14 @@ What the runner arranges, so that examples written for a laptop run in the suite
   the background, and the next command waits for its ``driver started`` line. Another
   command runs in the background when a note after it says ``another terminal`` or it ends
   with `` &``; it must name the ``--port`` it serves, and the next command waits until that
-  port answers. What a `` &`` command prints shows in the reader's terminal, so it is part
-  of the output compared for the commands after it. Background commands stop (SIGTERM) when
+  port answers. What a background command prints is not part of the output compared for the
+  commands after it (redirect it to a file to show it). Background commands stop (SIGTERM) when
   the document's commands are done, or at a note that starts with ``# stop``.
 - **Waiting.** A note saying ``wait for `TEXT``` makes the next command wait until a
   background command prints TEXT after the previous command started (a reload's new
   ``driver started`` line, say).
+- **Variables.** ``export NAME=value ...`` holds for the document's later commands, as in
+  the reader's shell.
 - **Installs.** ``pip install`` is not run (the test's environment has the package): each
   ``conveyor-driver[extra]`` it names must be an extra of ``pyproject.toml``.
 - **The repository.** A block after ``<!-- run-in: repository -->`` runs in the test-suite's
@@ -75,7 +77,7 @@ import time
 import tomllib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +107,6 @@ class Command:
     wait_for: str | None = None
     #: Runs in the test-suite's clone (``<!-- run-in: repository -->``).
     in_repository: bool = False
-    same_terminal: bool = field(default=False, compare=False)
 
 
 def commands(code: str, first_line: int = 0, *, in_repository: bool = False) -> list[Command]:
@@ -153,7 +154,6 @@ def commands(code: str, first_line: int = 0, *, in_repository: bool = False) -> 
                 stop_first=stop,
                 wait_for=wait,
                 in_repository=in_repository,
-                same_terminal=ampersand,
             )
         )
         stop, wait = False, None
@@ -318,6 +318,11 @@ class Session:
             self.stop()
         if command.wait_for is not None:
             self._wait_for(command)
+        if _words(command.text)[:1] == ["export"]:
+            for assignment in _words(self._script(command))[1:]:
+                name, _, value = assignment.partition("=")
+                self.env[name] = value
+            return ""
         if is_install(command):
             check_install(command)
             assert not command.output, f"line {command.line}: an install's output is not run"
@@ -337,8 +342,7 @@ class Session:
             timeout=TIMEOUT,
             check=False,
         )
-        beside = (b.text(b.mark) for b in self._background if b.command.same_terminal)
-        output = self._as_shown(done.stdout + "".join(beside))
+        output = self._as_shown(done.stdout)
         assert done.returncode == 0, (
             f"line {command.line}: `{command.text}` exited {done.returncode}:\n{output}"
             f"{self.background_output()}"
@@ -351,9 +355,11 @@ class Session:
         return output
 
     def _as_shown(self, output: str) -> str:
-        """The test's ports in ``output`` written as the reader's."""
-        for reader, test in self.places.items():
-            if test.isdigit():
+        """The test's URLs, paths and ports in ``output`` written as the reader's."""
+        for reader, test in sorted(self.places.items(), key=lambda p: -len(p[1])):
+            if "://" in reader or reader.startswith("/"):
+                output = output.replace(test, reader)
+            elif test.isdigit():
                 output = re.sub(rf"(?<=:){test}\b", reader, output)
         return output
 

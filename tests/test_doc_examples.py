@@ -2,9 +2,14 @@
 
 Each page of ``docs/`` (recursively) is a small project of its own: its Python blocks are
 written out and run with pytest exactly as the README's are (``tests/_readme.py``), then its
-console blocks are run in order in that directory (``tests/_console.py``: the NATS they
-need is a real nats-server of the test). A failure here means a page shows users an example
-that does not work: fix the page (or the library), never this test's lists.
+console blocks are run in order in that directory and what they print is compared with what
+the page shows (``tests/_console.py``). The README's console blocks run the same way (its
+Python blocks run in ``tests/test_readme.py``). What a page's commands name is started here,
+for real: a nats-server (TLS and client-verifying for a page with certificates), the Conveyor
+API server of ``tests/_conveyor_api_server.py``, an OTLP receiver, a git repository; a
+manifest the commands write is validated as Kubernetes and KEDA would. A failure here means a
+page shows users an example that does not work: fix the page (or the library), never this
+test's lists.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import kubernetes_validate
 import nats
 import pytest
 from _certs import make_pki, tls_nats_server
@@ -37,10 +43,8 @@ PAGES = sorted(DOCS.rglob("*.md"))
 #: Blocks a page leaves out, on purpose, by page. Raising a number is a decision to show
 #: users an example that nothing runs: give the block a `not-tested` reason a reader can judge.
 NOT_TESTED: dict[str, int] = {
-    "docs/how-to/kubernetes.md": 1,
-    "docs/how-to/loki.md": 1,
-    "docs/how-to/secured-server.md": 1,
-    "docs/tutorial/pipeline-step.md": 1,
+    "README.md": 1,
+    "docs/how-to/kubernetes.md": 2,
 }
 _EXAMPLE_FENCE = re.compile(r"^\s*```\s*(python|py|console|shell-session)\b")
 
@@ -74,14 +78,22 @@ async def test_every_example_of_a_page_runs(page: Path, tmp_path: Path) -> None:
     await run_page(await asyncio.to_thread(page.read_text), _name(page), tmp_path)
 
 
-async def run_page(text: str, source: str, root: Path) -> None:
+@pytest.mark.process
+@pytest.mark.nats
+async def test_every_console_example_of_the_readme_runs(tmp_path: Path) -> None:
+    # Its Python blocks run in tests/test_readme.py.
+    text = await asyncio.to_thread((ROOT / "README.md").read_text)
+    await run_page(text, "README.md", tmp_path, python=False)
+
+
+async def run_page(text: str, source: str, root: Path, *, python: bool = True) -> None:
     """Run the Python blocks of a page with pytest, then its console blocks in order."""
     blocks = parse(text, source)
     project = write_project(blocks, root, source)
     skipped = [f"{source} line {b.line}: {b.not_tested}" for b in project.not_tested]
     assert len(skipped) == NOT_TESTED.get(source, 0), skipped
 
-    if python_blocks(b for b in blocks if b.not_tested is None):
+    if python and python_blocks(b for b in blocks if b.not_tested is None):
         outcome = await asyncio.to_thread(run_project, sys.executable, project)
         assert outcome.not_passed == {}, outcome.output
         assert outcome.passed == project.expected_tests, outcome.output
@@ -103,10 +115,14 @@ async def run_page(text: str, source: str, root: Path) -> None:
 
 
 def _run(steps: list[Command], cwd: Path, places: dict[str, str]) -> None:
+    shown = set(cwd.glob("*.yaml"))
     with session(cwd, places) as shell:
         for step in steps:
             shell.run(step)
         shell.finish()
+    # A manifest the commands wrote is one the page tells readers to apply.
+    for manifest in sorted(set(cwd.glob("*.yaml")) - shown):
+        _kubernetes_would_take(manifest)
 
 
 # --- what the reader has and the test stands in for (tests/_console.py's table) -----------
@@ -191,6 +207,8 @@ async def _peers(
         receiver, endpoint = await stack.enter_async_context(otlp_receiver())
         places["http://otel-collector:4318"] = endpoint
         checks.append(functools.partial(_exports_arrived, receiver))
+    if "/tmp/" in said:
+        places["/tmp/"] = f"{root / '.tmp'}/"
     if _REPOSITORY in said:
         places[_REPOSITORY] = (await asyncio.to_thread(_git_repository, root / ".repo")).as_uri()
 
@@ -217,6 +235,17 @@ def _api_kept_its_contract(api: ConveyorAPIServer) -> None:
 
 def _exports_arrived(receiver: OtlpReceiver) -> None:
     assert receiver.metric_names, "the page names a collector, and no metrics reached it"
+
+
+def _kubernetes_would_take(path: Path) -> None:
+    """A manifest the page's commands wrote: valid for Kubernetes and KEDA, strictly."""
+    from test_deploy import K8S_VERSIONS, _documents, _validate
+
+    documents = _documents(path.read_text())
+    assert documents, f"{path.name} holds no manifest"
+    for document in documents:
+        for version in K8S_VERSIONS:
+            _validate(document, version)
 
 
 def _git_repository(path: Path) -> Path:
@@ -356,4 +385,13 @@ async def test_a_page_whose_example_fails_fails(tmp_path: Path, console: str, er
 async def test_a_skipped_console_block_is_counted(tmp_path: Path) -> None:
     page = "<!-- not-tested: needs a cluster -->\n```console\n$ kubectl apply -f x.yaml\n```\n"
     with pytest.raises(AssertionError, match="needs a cluster"):
+        await run_page(page, "page.md", tmp_path)
+
+
+@pytest.mark.process
+@pytest.mark.nats
+async def test_a_manifest_the_commands_write_must_be_one_kubernetes_takes(tmp_path: Path) -> None:
+    bad = "apiVersion: v1\\nkind: ConfigMap\\nmetadata: {name: x}\\ndatta: {}\\n"
+    page = f"```console\n$ printf '{bad}' > x.yaml\n```\n"
+    with pytest.raises(kubernetes_validate.ValidationError, match="datta"):
         await run_page(page, "page.md", tmp_path)
