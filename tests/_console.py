@@ -26,20 +26,16 @@ What the runner arranges, so that examples written for a laptop run in the suite
   session's *places* table is replaced by the test's own (``tests/test_doc_examples.py``
   starts a peer only for a page that names it):
 
-  ============================================  ============================================
-  the page says                                 the test gives
-  ============================================  ============================================
-  ``4222``, ``conveyor:4222``                   a real nats-server (free port) with the
-                                                Conveyor streams; ``CONVEYOR_NATS_URL``
-  ``http://conveyor:8080``                      ``tests/_conveyor_api_server.py``
-  ``/etc/conveyor/driver.crt``, ``.key``,       a PKI of ``tests/_certs.py``; the NATS is
-  ``ca.pem``; ``https://conveyor:8080``         then TLS verifying clients, the API checks
-                                                tokens
-  ``http://otel-collector:4318``                an OTLP/HTTP receiver (``tests/_otel.py``)
-  ``https://github.com/octocat/Hello-World``    a local git repository (``file://``)
-  ``9090``, ``9464``, ``3100`` (probe and        free ports
-  receiver ports)
-  ============================================  ============================================
+  - ``4222``, ``conveyor:4222``: a real nats-server on a free port, with the Conveyor
+    streams (also ``CONVEYOR_NATS_URL``);
+  - ``http://conveyor:8080``: the API server of ``tests/_conveyor_api_server.py``;
+  - ``/etc/conveyor/driver.crt``, ``driver.key``, ``ca.pem``: a fresh PKI
+    (``tests/_certs.py``); the NATS then speaks only TLS and verifies clients, and
+    ``https://conveyor:8080`` is the API server on TLS, checking every token;
+  - ``http://otel-collector:4318``: an OTLP/HTTP receiver (``tests/_otel.py``);
+  - ``https://github.com/octocat/Hello-World``: a local git repository (``file://``);
+  - ``/tmp/``: a directory of the page's own;
+  - ``9090``, ``9464``, ``3100`` (probe and receiver ports): free ports.
 
   A document whose commands start their own server (``--embedded``) gets no NATS from the
   test. A document that runs ``APP.py:driver`` or ``app:driver`` without showing that file
@@ -48,9 +44,10 @@ What the runner arranges, so that examples written for a laptop run in the suite
   the background, and the next command waits for its ``driver started`` line. Another
   command runs in the background when a note after it says ``another terminal`` or it ends
   with `` &``; it must name the ``--port`` it serves, and the next command waits until that
-  port answers. What a background command prints is not part of the output compared for the
-  commands after it (redirect it to a file to show it). Background commands stop (SIGTERM) when
-  the document's commands are done, or at a note that starts with ``# stop``.
+  port answers. What a background command prints is not part of the output compared for
+  the commands after it (redirect it to a file to show it). Background commands stop
+  (SIGTERM) when the document's commands are done, or at a note that starts with
+  ``# stop``.
 - **Waiting.** A note saying ``wait for `TEXT``` makes the next command wait until a
   background command prints TEXT after the previous command started (a reload's new
   ``driver started`` line, say).
