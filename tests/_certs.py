@@ -2,22 +2,31 @@
 
 A small PKI: a root CA, optionally an intermediate, and leaves for servers and drivers,
 with RSA or EC keys written in the PEM encodings a driver may be handed (PKCS#1, SEC1,
-PKCS#8). Nothing here is checked in: every test run has fresh keys.
+PKCS#8). Nothing here is checked in: every test run has fresh keys. And a nats-server
+that speaks only TLS and verifies its clients' certificates, for the drivers to connect to.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
-from collections.abc import Sequence
+import socket
+import ssl
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Literal, overload
+from typing import Any, Literal, overload
 
 import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from conveyor_driver import Settings
+from conveyor_driver.embedded import find_nats_server, free_port
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
 
@@ -226,3 +235,78 @@ def make_pki(directory: Path, *, kind: str = "p256", intermediate: bool = False)
         client=client.write(directory, "client"),
         client_issued=client,
     )
+
+
+# -- a nats-server verifying clients ------------------------------------------------------
+
+
+@attrs.frozen
+class TLSNats:
+    url: str
+    pki: Pki
+    log_file: Path
+
+    def context(self, *, identity: bool = True, ca: Path | None = None) -> ssl.SSLContext:
+        """A client context of the tests' own observer connections."""
+        context = ssl.create_default_context(cafile=str(ca or self.pki.ca_file))
+        if identity:
+            context.load_cert_chain(self.pki.client.cert, self.pki.client.key)
+        return context
+
+    def settings(self, **overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "nats_urls": self.url,
+            "tls_cert": self.pki.client.cert,
+            "tls_key": self.pki.client.key,
+            "tls_ca": self.pki.ca_file,
+            "log_format": "json",
+            **overrides,
+        }
+        return Settings(**values)
+
+
+def _wait_for_port(port: int, process: subprocess.Popen[bytes], log_file: Path) -> None:
+    deadline = time.monotonic() + 30.0
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"nats-server exited: {log_file.read_text()[-2000:]}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nats-server did not listen on {port}")
+
+
+@contextlib.contextmanager
+def tls_nats_server(directory: Path, pki: Pki, *, extra: str = "") -> Iterator[TLSNats]:
+    """nats-server with JetStream and ``tls { ... verify: true }``: clients need a certificate."""
+    port = free_port()
+    config = directory / "nats.conf"
+    config.write_text(
+        f"""
+listen: "127.0.0.1:{port}"
+jetstream {{ store_dir: "{directory / "jetstream"}" }}
+tls {{
+  cert_file: "{pki.server.cert}"
+  key_file: "{pki.server.key}"
+  ca_file: "{pki.ca_file}"
+  verify: true
+  timeout: 5
+}}
+{extra}
+"""
+    )
+    log_file = directory / "nats-server.log"
+    with log_file.open("wb") as log:
+        process = subprocess.Popen(
+            [find_nats_server(), "-c", str(config)], stdout=log, stderr=subprocess.STDOUT
+        )
+    try:
+        _wait_for_port(port, process, log_file)
+        yield TLSNats(f"nats://127.0.0.1:{port}", pki, log_file)
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

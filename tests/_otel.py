@@ -17,10 +17,11 @@ up-down counter stays cumulative, because its point is the current level.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 
 import attrs
+from aiohttp import web
 from opentelemetry import metrics, trace
 from opentelemetry.sdk.metrics import Counter, Histogram, MeterProvider, ObservableCounter
 from opentelemetry.sdk.metrics.export import (
@@ -34,6 +35,8 @@ from opentelemetry.sdk.metrics.export import (
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from conveyor_driver.embedded import free_port
 
 _NO_OP = trace.NoOpTracer()
 
@@ -146,3 +149,70 @@ def install() -> Recorder:
         assert trace.get_tracer_provider() is provider, "a tracer provider was set before"
         _recorder = Recorder(exporter, reader, provider)
     return _recorder
+
+
+# -- an OTLP/HTTP collector, for a child process's exports -----------------------------
+
+
+@attrs.define
+class OtlpReceiver:
+    """An OTLP/HTTP collector stand-in: records the protobuf exports it is sent."""
+
+    spans: list[Any] = attrs.field(factory=list)
+    resources: list[dict[str, Any]] = attrs.field(factory=list)
+    metric_names: list[str] = attrs.field(factory=list)
+    runs: dict[str, int] = attrs.field(factory=dict)
+
+    async def traces(self, request: web.Request) -> web.Response:
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceRequest,
+            ExportTraceServiceResponse,
+        )
+
+        export = ExportTraceServiceRequest.FromString(await request.read())
+        for resource_spans in export.resource_spans:
+            self.resources.append(otlp_attributes(resource_spans.resource.attributes))
+            for scope in resource_spans.scope_spans:
+                self.spans.extend(scope.spans)
+        return _protobuf(ExportTraceServiceResponse())
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+            ExportMetricsServiceRequest,
+            ExportMetricsServiceResponse,
+        )
+
+        export = ExportMetricsServiceRequest.FromString(await request.read())
+        for resource_metrics in export.resource_metrics:
+            for scope in resource_metrics.scope_metrics:
+                for metric in scope.metrics:
+                    self.metric_names.append(metric.name)
+                    if metric.name == "conveyor.driver.runs":
+                        for point in metric.sum.data_points:
+                            outcome = otlp_attributes(point.attributes)["outcome"]
+                            self.runs[outcome] = point.as_int
+        return _protobuf(ExportMetricsServiceResponse())
+
+
+def otlp_attributes(pairs: Any) -> dict[str, Any]:
+    return {kv.key: getattr(kv.value, kv.value.WhichOneof("value")) for kv in pairs}
+
+
+def _protobuf(message: Any) -> web.Response:
+    return web.Response(body=message.SerializeToString(), content_type="application/x-protobuf")
+
+
+@contextlib.asynccontextmanager
+async def otlp_receiver() -> AsyncIterator[tuple[OtlpReceiver, str]]:
+    receiver = OtlpReceiver()
+    server = web.Application()
+    server.router.add_post("/v1/traces", receiver.traces)
+    server.router.add_post("/v1/metrics", receiver.metrics)
+    runner = web.AppRunner(server, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield receiver, f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()

@@ -11,7 +11,9 @@ fence:
 - ``<!-- file: NAME -->`` writes the block to ``NAME`` (a block other examples import, a
   ``conftest.py``, a ``pyproject.toml``); any language may carry it;
 - ``<!-- not-tested: REASON -->`` leaves a Python block out, for a stated reason, and the
-  tests count such blocks, so that skipping one is a visible decision, never a silent one.
+  tests count such blocks, so that skipping one is a visible decision, never a silent one;
+- ``<!-- run-in: repository -->`` runs a console block in the test-suite's own clone
+  (``tests/_console.py``).
 
 A Python block without a comment is written to ``readme_example_<n>.py``, or to
 ``test_readme_example_<n>.py`` when it defines test functions, so that pytest collects it.
@@ -32,7 +34,7 @@ from pathlib import Path
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 _FENCE = re.compile(r"^```(\S*)\s*$")
-_DIRECTIVE = re.compile(r"^<!--\s*(file|not-tested):\s*(.*?)\s*-->\s*$")
+_DIRECTIVE = re.compile(r"^<!--\s*(file|not-tested|run-in):\s*(.*?)\s*-->\s*$")
 _CHECKER = "test_zz_readme_modules.py"
 #: The languages of console blocks: commands after ``$ ``, their output between them.
 CONSOLE = ("console", "shell-session")
@@ -47,6 +49,7 @@ class Block:
     code: str
     file: str | None = None
     not_tested: str | None = None
+    run_in: str | None = None
 
 
 def parse(text: str, source: str = "README") -> list[Block]:
@@ -71,16 +74,20 @@ def parse(text: str, source: str = "README") -> list[Block]:
         if i == len(lines):
             raise ValueError(f"{source} line {start + 1}: code block never closed")
         i += 1
-        file = not_tested = None
+        file = not_tested = run_in = None
         directive = _DIRECTIVE.match(lines[start - 1]) if start else None
         if directive and directive[1] == "file":
             file = directive[2]
+        elif directive and directive[1] == "run-in":
+            run_in = directive[2]
+            if run_in != "repository" or opening[1] not in CONSOLE:
+                raise ValueError(f"{source} line {start}: run-in: repository, on a console block")
         elif directive:
             not_tested = directive[2]
             if not not_tested:
                 raise ValueError(f"{source} line {start}: not-tested needs a reason")
         code = "\n".join(body) + "\n"
-        blocks.append(Block(start + 1, opening[1], code, file, not_tested))
+        blocks.append(Block(start + 1, opening[1], code, file, not_tested, run_in))
     return blocks
 
 

@@ -447,10 +447,10 @@ async def test_the_deployments_pod_probes_consumes_and_stops_within_its_grace(
     before the kubelet's SIGKILL would.
     """
     import aiohttp
-    from _certs import make_pki
+    from _certs import make_pki, tls_nats_server
     from _helpers import TIMEOUT
     from apps.harness import app, clean_env, driver_process
-    from test_nats_tls import observer, tls_nats_server
+    from test_nats_tls import observer
 
     from conveyor_driver.embedded import free_port
     from conveyor_driver.emit import emit_event, watch_results

@@ -9,18 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
-import ssl
-import subprocess
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import attrs
 import nats
 import pytest
-from _certs import Pki, make_ca, make_leaf, make_pki, write_pem
+from _certs import TLSNats, make_ca, make_leaf, make_pki, tls_nats_server, write_pem
 from _conveyor_api_server import ConveyorAPIServer
 from _helpers import TIMEOUT, run_in_process, wait_until
 from apps.harness import app
@@ -29,84 +24,12 @@ from nats.js.api import ConsumerConfig
 from nats.js.errors import NotFoundError
 
 from conveyor_driver import Context, Driver, Result, Settings, protocol
-from conveyor_driver.embedded import EmbeddedNats, find_nats_server, free_port
+from conveyor_driver.embedded import EmbeddedNats
 from conveyor_driver.emit import emit_event, watch_results
 from conveyor_driver.errors import NatsUnavailableError
 from conveyor_driver.models import Resource
 
 pytestmark = pytest.mark.nats  # every test here runs a TLS nats-server
-
-
-@attrs.frozen
-class TLSNats:
-    url: str
-    pki: Pki
-    log_file: Path
-
-    def context(self, *, identity: bool = True, ca: Path | None = None) -> ssl.SSLContext:
-        """A client context of the tests' own observer connections."""
-        context = ssl.create_default_context(cafile=str(ca or self.pki.ca_file))
-        if identity:
-            context.load_cert_chain(self.pki.client.cert, self.pki.client.key)
-        return context
-
-    def settings(self, **overrides: Any) -> Settings:
-        values: dict[str, Any] = {
-            "nats_urls": self.url,
-            "tls_cert": self.pki.client.cert,
-            "tls_key": self.pki.client.key,
-            "tls_ca": self.pki.ca_file,
-            "log_format": "json",
-            **overrides,
-        }
-        return Settings(**values)
-
-
-def _wait_for_port(port: int, process: subprocess.Popen[bytes], log_file: Path) -> None:
-    deadline = time.monotonic() + TIMEOUT
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"nats-server exited: {log_file.read_text()[-2000:]}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"nats-server did not listen on {port}")
-
-
-@contextlib.contextmanager
-def tls_nats_server(directory: Path, pki: Pki, *, extra: str = "") -> Iterator[TLSNats]:
-    """nats-server with JetStream and ``tls { ... verify: true }``: clients need a certificate."""
-    port = free_port()
-    config = directory / "nats.conf"
-    config.write_text(
-        f"""
-listen: "127.0.0.1:{port}"
-jetstream {{ store_dir: "{directory / "jetstream"}" }}
-tls {{
-  cert_file: "{pki.server.cert}"
-  key_file: "{pki.server.key}"
-  ca_file: "{pki.ca_file}"
-  verify: true
-  timeout: 5
-}}
-{extra}
-"""
-    )
-    log_file = directory / "nats-server.log"
-    with log_file.open("wb") as log:
-        process = subprocess.Popen(
-            [find_nats_server(), "-c", str(config)], stdout=log, stderr=subprocess.STDOUT
-        )
-    try:
-        _wait_for_port(port, process, log_file)
-        yield TLSNats(f"nats://127.0.0.1:{port}", pki, log_file)
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @pytest.fixture(params=[("p256", False), ("rsa", True)], ids=["ec-p256", "rsa-intermediate"])

@@ -17,7 +17,7 @@ import attrs
 import pytest
 from _helpers import TIMEOUT, driver_message, raw_results, resource_json, settled, wait_until
 from _loki_receiver import LokiReceiver
-from _otel import Point, Recorder, install
+from _otel import Point, Recorder, install, otlp_attributes, otlp_receiver
 from aiohttp import web
 from apps.harness import app, clean_env, driver_process
 from nats.aio.client import Client
@@ -590,70 +590,6 @@ async def test_without_the_sdk_runs_work_and_the_result_passes_the_context_on(
     assert events(plain_run) == untraced
 
 
-@attrs.define
-class OtlpReceiver:
-    """An OTLP/HTTP collector stand-in: records the protobuf exports it is sent."""
-
-    spans: list[Any] = attrs.field(factory=list)
-    resources: list[dict[str, Any]] = attrs.field(factory=list)
-    metric_names: list[str] = attrs.field(factory=list)
-    runs: dict[str, int] = attrs.field(factory=dict)
-
-    async def traces(self, request: web.Request) -> web.Response:
-        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-            ExportTraceServiceRequest,
-            ExportTraceServiceResponse,
-        )
-
-        export = ExportTraceServiceRequest.FromString(await request.read())
-        for resource_spans in export.resource_spans:
-            self.resources.append(_attributes(resource_spans.resource.attributes))
-            for scope in resource_spans.scope_spans:
-                self.spans.extend(scope.spans)
-        return _protobuf(ExportTraceServiceResponse())
-
-    async def metrics(self, request: web.Request) -> web.Response:
-        from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
-            ExportMetricsServiceRequest,
-            ExportMetricsServiceResponse,
-        )
-
-        export = ExportMetricsServiceRequest.FromString(await request.read())
-        for resource_metrics in export.resource_metrics:
-            for scope in resource_metrics.scope_metrics:
-                for metric in scope.metrics:
-                    self.metric_names.append(metric.name)
-                    if metric.name == "conveyor.driver.runs":
-                        for point in metric.sum.data_points:
-                            outcome = _attributes(point.attributes)["outcome"]
-                            self.runs[outcome] = point.as_int
-        return _protobuf(ExportMetricsServiceResponse())
-
-
-def _attributes(pairs: Any) -> dict[str, Any]:
-    return {kv.key: getattr(kv.value, kv.value.WhichOneof("value")) for kv in pairs}
-
-
-def _protobuf(message: Any) -> web.Response:
-    return web.Response(body=message.SerializeToString(), content_type="application/x-protobuf")
-
-
-@contextlib.asynccontextmanager
-async def otlp_receiver() -> AsyncIterator[tuple[OtlpReceiver, str]]:
-    receiver = OtlpReceiver()
-    server = web.Application()
-    server.router.add_post("/v1/traces", receiver.traces)
-    server.router.add_post("/v1/metrics", receiver.metrics)
-    runner = web.AppRunner(server, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        yield receiver, f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
-
-
 @pytest.mark.process
 async def test_run_exports_traces_and_metrics_over_otlp_when_otel_env_asks(
     nats_server: EmbeddedNats, nats_client: Client
@@ -679,7 +615,7 @@ async def test_run_exports_traces_and_metrics_over_otlp_when_otel_env_asks(
     assert span.kind == span.SPAN_KIND_CONSUMER
     assert span.trace_id == parent.trace_id.to_bytes(16, "big")
     assert span.parent_span_id == parent.span_id.to_bytes(8, "big")
-    attributes = _attributes(span.attributes)
+    attributes = otlp_attributes(span.attributes)
     assert (attributes["conveyor.run_id"], attributes["conveyor.outcome"]) == (run_id, "success")
     [result] = results
     assert result.headers is not None
