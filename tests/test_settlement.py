@@ -27,6 +27,13 @@ from conveyor_driver.testing import FakeConveyorClient
 from conveyor_driver.testing.fake import LogRecorder
 
 
+def _consumer(nc: Client, driver: Driver, recorder: LogRecorder, concurrency: int) -> Consumer:
+    """The runtime's consumer of ``driver`` on ``nc``, logging to ``recorder``."""
+    log = recorder.logger()
+    services = Services(log=log, api=FakeConveyorClient(), telemetry=Telemetry())
+    return Consumer(nc, driver, services, concurrency=concurrency, log=log)
+
+
 async def test_a_result_refused_for_good_is_logged_once_and_the_run_is_settled(
     nats_client: Client,
 ) -> None:
@@ -44,14 +51,7 @@ async def test_a_result_refused_for_good_is_logged_once_and_the_run_is_settled(
         return Result.ok("built")
 
     recorder = LogRecorder()
-    log = recorder.logger()
-    consumer = Consumer(
-        nats_client,
-        driver,
-        Services(log=log, api=FakeConveyorClient(), telemetry=Telemetry()),
-        concurrency=1,
-        log=log,
-    )
+    consumer = _consumer(nats_client, driver, recorder, concurrency=1)
     await consumer.ensure()
     await consumer.start()
     try:
@@ -85,14 +85,7 @@ async def test_plain_deliveries_skip_nats_py_s_queue_and_every_run_settles_once(
 
     nc = DriverClient()
     await nc.connect(nats_server.url)
-    log = LogRecorder().logger()
-    consumer = Consumer(
-        nc,
-        driver,
-        Services(log=log, api=FakeConveyorClient(), telemetry=Telemetry()),
-        concurrency=4,
-        log=log,
-    )
+    consumer = _consumer(nc, driver, LogRecorder(), concurrency=4)
     direct: list[str] = []
     plain = consumer._on_plain_delivery
 
