@@ -510,10 +510,8 @@ def inject(headers: dict[str, str], span_context: SpanContext | None) -> dict[st
     """
     if span_context is not None and span_context.is_valid:
         if _w3c_only(propagate.get_global_textmap()) and not baggage.get_all():
-            headers["traceparent"] = (
-                f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}"
-                f"-{span_context.trace_flags:02x}"
-            )
+            ids = (span_context.trace_id, span_context.span_id, span_context.trace_flags)
+            headers["traceparent"] = "00-%032x-%016x-%02x" % ids  # noqa: UP031  # the quickest
             if span_context.trace_state:
                 headers["tracestate"] = span_context.trace_state.to_header()
         else:

@@ -43,7 +43,7 @@ from test_telemetry import Parent, captured, points
 
 from conveyor_driver import Context, Driver, Fail, protocol
 from conveyor_driver.embedded import EmbeddedNats
-from conveyor_driver.telemetry import RunRoute, _SdkSpans, inject
+from conveyor_driver.telemetry import _DURATION_BATCH, RunRoute, _Durations, _SdkSpans, inject
 from conveyor_driver.testing.fixtures import running
 
 RUN = ("message-1", "run-1", "app")
@@ -322,3 +322,24 @@ async def test_durations_and_runs_are_counted_per_route_and_outcome(
         assert span.attributes is not None
         assert span.attributes["conveyor.resource.type"] == kind
         assert span.attributes["messaging.destination.name"] == f"resources.{kind}"
+
+
+def test_durations_reach_the_histogram_in_batches_and_at_every_collection() -> None:
+    recorded: list[tuple[float, dict[str, str]]] = []
+
+    class Histogram:
+        def record(self, amount: float, attributes: dict[str, str]) -> None:
+            recorded.append((amount, attributes))
+
+    durations = _Durations(Histogram())
+    labels = {"conveyor.resource.type": "pipeline", "conveyor.outcome": "success"}
+    for i in range(_DURATION_BATCH - 1):
+        durations.add(i, labels)
+    assert recorded == []
+    durations.add(_DURATION_BATCH - 1, labels)
+    assert recorded == [(i, labels) for i in range(_DURATION_BATCH)]
+    durations.add(0.5, labels)
+    durations.flush()  # what a collection does first
+    assert recorded[-1] == (0.5, labels)
+    durations.flush()
+    assert len(recorded) == _DURATION_BATCH + 1
