@@ -159,7 +159,7 @@ class Telemetry:
         #: Starts the run spans on the SDK's own tracer without its per-span overheads; None
         #: for any other tracer (an application's, a no-op), which gets ``start_span``.
         self._sdk_spans = _SdkSpans.of(self.tracer)
-        self._routes: dict[tuple[str, str, str | None], RunRoute] = {}
+        self._routes: dict[tuple[str, str, str, str | None], RunRoute] = {}
         self._meter = metrics.get_meter(INSTRUMENTATION, _VERSION)
         self.process_duration = self._meter.create_histogram(
             "messaging.process.duration",
@@ -261,7 +261,7 @@ class Telemetry:
 
     def route(self, driver: str, subject: str, resource_type: str, event: str | None) -> RunRoute:
         """What every run of one (subject, resource type, event) shares, built once."""
-        key = (subject, resource_type, event)
+        key = (driver, subject, resource_type, event)
         route = self._routes.get(key)
         if route is None:
             route = RunRoute(driver, subject, resource_type, event)
