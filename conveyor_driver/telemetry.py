@@ -156,9 +156,6 @@ class Telemetry:
     def __init__(self) -> None:
         self.tracer = trace.get_tracer(INSTRUMENTATION, _VERSION)
         self._enabled = _tracer_provider_installed() or _meter_provider_installed()
-        #: Starts the run spans on the SDK's own tracer without its per-span overheads; None
-        #: for any other tracer (an application's, a no-op), which gets ``start_span``.
-        self._sdk_spans = _SdkSpans.of(self.tracer)
         self._routes: dict[tuple[str, str, str, str | None], RunRoute] = {}
         self._meter = metrics.get_meter(INSTRUMENTATION, _VERSION)
         self.process_duration = self._meter.create_histogram(
@@ -279,13 +276,11 @@ class Telemetry:
         """The run's CONSUMER span, child of ``context`` (the message's trace context).
 
         ``run`` is the message's id, run id and resource name, the attributes that change
-        from one message to the next; the rest is the route's, built once. A trace the
-        sampler drops gets a non-recording span with the context the SDK would have given it
-        (new span id, flags not sampled), and nothing else.
+        from one message to the next; the rest is the route's, built once. The tracer's own
+        ``start_span`` does the rest: its private parts are not worth depending on for the
+        few microseconds a hand-made span would save (bench/README.md).
         """
         attributes = route.run_attributes(attempt, run)
-        if self._sdk_spans is not None:
-            return self._sdk_spans.start(route.span_name, context, attributes)
         return self.tracer.start_span(
             route.span_name, context=context, kind=SpanKind.CONSUMER, attributes=attributes
         )
@@ -375,123 +370,6 @@ class RunRoute:
             **self.message_attributes,
             "conveyor.resource.name": resource_name,
         }
-
-
-class _SdkSpans:
-    """The SDK tracer's ``start_span``, for the run span only, minus what it costs per span.
-
-    It does what :meth:`opentelemetry.sdk.trace.Tracer.start_span` does, in its order: the
-    parent from the context, a trace id for a root, the provider's sampler asked once with
-    the span's name, kind and attributes, the span context (flags, trace state) from its
-    answer, the SDK's own span metrics. Then:
-
-    - a trace the sampler drops gets a :class:`NonRecordingSpan` with that context and no
-      further work (the SDK builds the same);
-    - a recorded span is the SDK's own span class, started through the provider's span
-      processors, with the attributes the sampler returned. When those are the ones
-      passed in (the built-in samplers return them as given) and no attribute limit
-      could change them, they go in as they are: strings and ints this module built,
-      which the SDK's per-attribute cleaning would leave unchanged, and which cost about
-      a third of a recorded span. Otherwise the SDK cleans them as usual.
-
-    Used only when the installed SDK has every piece relied on here (checked once, in
-    :meth:`of`); any other tracer, or an SDK that differs, gets ``start_span``.
-    """
-
-    def __init__(self, tracer: Any, span_class: type, kind: SpanKind) -> None:
-        self._tracer = tracer
-        self._span_class = span_class
-        self._kind = kind
-        self._ids = tracer.id_generator
-        self._sampler = tracer.sampler
-        limits = tracer._span_limits
-        self._limits = limits
-        # Known-clean attributes skip the SDK's cleaning only where it could change nothing.
-        self._as_given = limits.max_span_attribute_length is None and (
-            limits.max_span_attributes is None or limits.max_span_attributes >= 16
-        )
-        self._sampled = TraceFlags(TraceFlags.SAMPLED)
-        self._not_sampled = TraceFlags(TraceFlags.DEFAULT)
-        self._random = TraceFlags.RANDOM_TRACE_ID
-
-    @classmethod
-    def of(cls, tracer: trace.Tracer) -> _SdkSpans | None:
-        sdk = sys.modules.get("opentelemetry.sdk.trace")
-        if sdk is None or type(tracer) is not sdk.Tracer:
-            return None
-        try:
-            from opentelemetry.attributes import BoundedAttributes
-
-            probe = BoundedAttributes(None, None, immutable=False, max_value_len=None)
-            fits = (
-                isinstance(getattr(probe, "_dict", None), dict)
-                and callable(getattr(tracer, "_is_enabled", None))
-                and hasattr(tracer, "_tracer_metrics")
-                and hasattr(tracer, "_span_limits")
-                and hasattr(tracer, "_instrumentation_scope")
-                and callable(
-                    getattr(getattr(tracer, "id_generator", None), "is_trace_id_random", None)
-                )
-                and hasattr(TraceFlags, "RANDOM_TRACE_ID")
-                and "record_end_metrics" in sdk.Span.__init__.__code__.co_varnames
-            )
-            span_class = sdk._Span
-        except Exception:  # an SDK built otherwise: its own start_span, then
-            return None
-        return cls(tracer, span_class, SpanKind.CONSUMER) if fits else None
-
-    def start(
-        self, name: str, context: OtelContext | None, attributes: dict[str, str | int]
-    ) -> Span:
-        tracer = self._tracer
-        parent: SpanContext | None = trace.get_current_span(context).get_span_context()
-        if not tracer._is_enabled():
-            return NonRecordingSpan(parent)  # type: ignore[arg-type]  # as the SDK does
-        ids = self._ids
-        if parent is None or not parent.is_valid:
-            parent = None
-            trace_id = ids.generate_trace_id()
-            random = ids.is_trace_id_random()
-        else:
-            trace_id = parent.trace_id
-            random = parent.trace_flags.random_trace_id
-        kind = self._kind
-        sampling = self._sampler.should_sample(context, trace_id, name, kind, attributes, ())
-        decision = sampling.decision
-        flags = self._sampled if decision.is_sampled() else self._not_sampled
-        if random:
-            flags = TraceFlags(flags | self._random)
-        span_context = SpanContext(
-            trace_id,
-            ids.generate_span_id(),
-            is_remote=False,
-            trace_flags=flags,
-            trace_state=sampling.trace_state,
-        )
-        record_end_metrics = tracer._tracer_metrics.start_span(parent, decision)
-        if not decision.is_recording():
-            return NonRecordingSpan(span_context)
-        given = sampling.attributes
-        as_given = self._as_given and given == attributes
-        span = self._span_class(
-            name=name,
-            context=span_context,
-            parent=parent,
-            sampler=self._sampler,
-            resource=tracer.resource,
-            attributes=None if as_given else given,
-            span_processor=tracer.span_processor,
-            kind=kind,
-            links=(),
-            instrumentation_info=tracer.instrumentation_info,
-            limits=self._limits,
-            instrumentation_scope=tracer._instrumentation_scope,
-            record_end_metrics=record_end_metrics,
-        )
-        if as_given:
-            span._attributes._dict.update(attributes)
-        span.start(parent_context=context)
-        return span  # type: ignore[no-any-return]  # the SDK's span class, looked up at run time
 
 
 def extract(headers: Mapping[str, str] | None) -> OtelContext | None:

@@ -42,9 +42,9 @@ _NO_OP = trace.NoOpTracer()
 class _SwitchedTracerProvider(trace.TracerProvider):
     """The SDK provider while ``on``; the API's no-op tracer otherwise.
 
-    A tracer asked for while ``on`` is the SDK's own, as a production driver gets it (the
-    runtime starts its run spans on it without the SDK's ``start_span``, a path the tests
-    must take); one asked for while off switches per span.
+    A tracer asked for while ``on`` is the SDK's own, from the provider of the block's
+    sampler (see :meth:`Recorder.tracing`), as a production driver gets it; one asked for
+    while off switches per span.
     """
 
     def __init__(self, sdk: TracerProvider) -> None:

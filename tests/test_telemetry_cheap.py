@@ -1,17 +1,16 @@
-"""The run span's cheap path: what it saves must not change what is recorded or propagated.
+"""Telemetry's cheap paths: what they save must not change what is recorded or propagated.
 
-The runtime starts its run spans on the SDK's tracer without the SDK's ``start_span``
-(:class:`conveyor_driver.telemetry._SdkSpans`), writes ``traceparent`` itself with the
-default propagators, and records the duration with per-route attributes. These tests hold
-it to the SDK's own answers: the same span for the same ids, no span for a dropped trace
-with the flags the SDK would give, the same headers the propagators would write.
+The runtime builds a run span's attributes once per route, writes ``traceparent`` itself
+with the default propagators, and hands the run durations to the SDK's histogram in
+batches. These tests hold it to the SDK's own answers: no span for a dropped trace, with
+the flags the SDK gives, the headers the propagators would write, and every duration
+counted per route and outcome by the time metrics are read.
 """
 
 from __future__ import annotations
 
 import json
-import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -21,148 +20,19 @@ from nats.aio.client import Client
 from opentelemetry import baggage, propagate, trace
 from opentelemetry import context as otel_context
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
-from opentelemetry.context import Context as OtelContext
 from opentelemetry.propagators.composite import CompositePropagator
-from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.sdk.trace.id_generator import IdGenerator
 from opentelemetry.sdk.trace.sampling import (
-    ALWAYS_OFF,
-    ALWAYS_ON,
-    Decision,
     ParentBased,
-    Sampler,
-    SamplingResult,
     TraceIdRatioBased,
 )
-from opentelemetry.trace import Link, SpanContext, SpanKind, TraceFlags, TraceState
+from opentelemetry.trace import SpanContext, TraceFlags, TraceState
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-from opentelemetry.util.types import Attributes
 from test_telemetry import Parent, captured, points
 
 from conveyor_driver import Context, Driver, Fail, protocol
 from conveyor_driver.embedded import EmbeddedNats
-from conveyor_driver.telemetry import _DURATION_BATCH, RunRoute, _Durations, _SdkSpans, inject
+from conveyor_driver.telemetry import _DURATION_BATCH, _Durations, inject
 from conveyor_driver.testing.fixtures import running
-
-RUN = ("message-1", "run-1", "app")
-
-
-class Counting(IdGenerator):
-    """Ids from a counter, so that two providers hand out the same ones."""
-
-    def __init__(self) -> None:
-        self._random = random.Random(11)
-
-    def generate_span_id(self) -> int:
-        return self._random.getrandbits(64) | 1
-
-    def generate_trace_id(self) -> int:
-        return self._random.getrandbits(128) | 1
-
-    def is_trace_id_random(self) -> bool:
-        return True
-
-
-class Adding(Sampler):
-    """Samples everything and adds an attribute, as a sampler may."""
-
-    def should_sample(
-        self,
-        parent_context: OtelContext | None,
-        trace_id: int,
-        name: str,
-        kind: SpanKind | None = None,
-        attributes: Attributes = None,
-        links: Sequence[Link] | None = None,
-        trace_state: TraceState | None = None,
-    ) -> SamplingResult:
-        added = {**(attributes or {}), "sampled.by": "adding"}
-        return SamplingResult(Decision.RECORD_AND_SAMPLE, added, TraceState([("k", "v")]))
-
-    def get_description(self) -> str:
-        return "Adding"
-
-
-def _provider(
-    sampler: Sampler, limits: SpanLimits | None = None
-) -> tuple[Any, InMemorySpanExporter]:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider(
-        sampler=sampler, id_generator=Counting(), span_limits=limits, shutdown_on_exit=False
-    )
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    return provider.get_tracer("conveyor_driver", "1"), exporter
-
-
-def _parent(sampled: bool) -> OtelContext:
-    flags = TraceFlags(TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT)
-    remote = SpanContext(0xABC, 0xDEF, is_remote=True, trace_flags=flags)
-    return trace.set_span_in_context(trace.NonRecordingSpan(remote))
-
-
-def _exported(span: ReadableSpan) -> tuple[Any, ...]:
-    return (
-        span.name,
-        span.kind,
-        span.context,
-        span.parent,
-        dict(span.attributes or {}),
-        span.resource,
-        span.instrumentation_scope,
-        span.status.status_code,
-    )
-
-
-SAMPLERS = {
-    "always on": ALWAYS_ON,
-    "always off": ALWAYS_OFF,
-    "ratio 1/2": TraceIdRatioBased(0.5),
-    "parent-based ratio": ParentBased(TraceIdRatioBased(0.5)),
-    "adding": Adding(),
-}
-
-
-@pytest.mark.parametrize("sampler", SAMPLERS.values(), ids=SAMPLERS.keys())
-@pytest.mark.parametrize("parent", [None, True, False], ids=["root", "sampled", "unsampled"])
-@pytest.mark.parametrize("limits", [None, SpanLimits(max_span_attribute_length=3)])
-def test_the_cheap_start_makes_the_span_the_sdk_makes(
-    sampler: Sampler, parent: bool | None, limits: SpanLimits | None
-) -> None:
-    ours, our_spans = _provider(sampler, limits)
-    sdks, sdk_spans = _provider(sampler, limits)
-    cheap = _SdkSpans.of(ours)
-    assert cheap is not None
-    route = RunRoute("builder", "resources.pipeline", "pipeline", "create")
-    for attempt in (1, 2, 3):
-        context = None if parent is None else _parent(parent)
-        attributes = route.run_attributes(attempt, RUN)
-        mine = cheap.start(route.span_name, context, attributes)
-        theirs = sdks.start_span(
-            route.span_name, context=context, kind=SpanKind.CONSUMER, attributes=dict(attributes)
-        )
-        assert mine.get_span_context() == theirs.get_span_context()
-        assert mine.is_recording() == theirs.is_recording()
-        for span in (mine, theirs):
-            span.set_attribute("conveyor.outcome", "success")
-            span.end()
-    assert [_exported(s) for s in our_spans.get_finished_spans()] == [
-        _exported(s) for s in sdk_spans.get_finished_spans()
-    ]
-
-
-def test_other_tracers_get_the_sdk_start_span() -> None:
-    assert _SdkSpans.of(trace.NoOpTracer()) is None
-    sdk_tracer, _ = _provider(ALWAYS_ON)
-
-    class Wrapped(type(sdk_tracer)):  # type: ignore[misc]  # a subclass may start spans its way
-        pass
-
-    wrapped = Wrapped.__new__(Wrapped)
-    wrapped.__dict__.update(sdk_tracer.__dict__)
-    assert _SdkSpans.of(wrapped) is None
-
 
 # --- headers -------------------------------------------------------------------------------
 
