@@ -35,6 +35,7 @@ from opentelemetry.sdk.metrics.export import (
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import Sampler
 
 from conveyor_driver.embedded import free_port
 
@@ -42,13 +43,21 @@ _NO_OP = trace.NoOpTracer()
 
 
 class _SwitchedTracerProvider(trace.TracerProvider):
-    """The SDK provider while ``on``; the API's no-op tracer otherwise."""
+    """The SDK provider while ``on``; the API's no-op tracer otherwise.
+
+    A tracer asked for while ``on`` is the SDK's own, from the provider of the block's
+    sampler (see :meth:`Recorder.tracing`), as a production driver gets it; one asked for
+    while off switches per span.
+    """
 
     def __init__(self, sdk: TracerProvider) -> None:
         self.sdk = sdk
+        self.current = sdk
         self.on = False
 
     def get_tracer(self, *args: Any, **kwargs: Any) -> trace.Tracer:
+        if self.on:
+            return self.current.get_tracer(*args, **kwargs)
         return _SwitchedTracer(self, self.sdk.get_tracer(*args, **kwargs))
 
 
@@ -86,15 +95,25 @@ class Recorder:
     provider: _SwitchedTracerProvider
 
     @contextlib.contextmanager
-    def tracing(self) -> Iterator[Recorder]:
-        """Record spans for the block, starting from no spans and no metric deltas."""
+    def tracing(self, sampler: Sampler | None = None) -> Iterator[Recorder]:
+        """Record spans for the block, starting from no spans and no metric deltas.
+
+        ``sampler``: the one the block's tracers sample with (the SDK's default,
+        parent-based always-on, otherwise), through a provider of its own that exports to
+        the same place.
+        """
         self.exporter.clear()
         self.reader.get_metrics_data()
+        if sampler is not None:
+            sampled = TracerProvider(sampler=sampler, shutdown_on_exit=False)
+            sampled.add_span_processor(SimpleSpanProcessor(self.exporter))
+            self.provider.current = sampled
         self.provider.on = True
         try:
             yield self
         finally:
             self.provider.on = False
+            self.provider.current = self.provider.sdk
 
     def spans(self, name: str | None = None) -> list[ReadableSpan]:
         return [

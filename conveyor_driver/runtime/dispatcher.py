@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode
+from opentelemetry.trace import SpanContext, Status, StatusCode
 from structlog.typing import FilteringBoundLogger
 
 from .. import outcomes, protocol, specs
@@ -128,32 +128,16 @@ async def process(driver: Driver, delivery: Delivery, services: Services) -> Pro
             return _in_span(processed, parent)
         return processed
     message = decoded if isinstance(decoded, DriverMessage) else None
-    resource_type = (
-        message.payload.type
-        if message is not None
-        else protocol.resource_type_from_subject(delivery.subject) or "message"
-    )
-    attributes: dict[str, str | int] = {
-        "messaging.system": "nats",
-        "messaging.operation.type": "process",
-        "messaging.destination.name": delivery.subject,
-        "messaging.consumer.group.name": driver.name,
-        "conveyor.driver": driver.name,
-        "conveyor.attempt": delivery.attempt,
-    }
     if message is not None:
-        attributes["messaging.message.id"] = message.id
-        attributes["conveyor.run_id"] = message.run_id
-        attributes["conveyor.event"] = message.event
-        attributes["conveyor.resource.type"] = resource_type
-        attributes["conveyor.resource.name"] = message.payload.name
+        resource = message.payload
+        route = telemetry.route(driver.name, delivery.subject, resource.type, message.event)
+        run = (message.id, message.run_id, resource.name)
+    else:
+        resource_type = protocol.resource_type_from_subject(delivery.subject) or "message"
+        route = telemetry.route(driver.name, delivery.subject, resource_type, None)
+        run = None
     started = time.perf_counter()
-    span = telemetry.tracer.start_span(
-        f"process {resource_type}",
-        context=extract(delivery.headers),
-        kind=SpanKind.CONSUMER,
-        attributes=attributes,
-    )
+    span = telemetry.start_run(route, extract(delivery.headers), delivery.attempt, run)
     # attach/detach rather than start_as_current_span, whose context-manager layers add
     # to the cost of every recorded span (bench/README.md).
     token = otel_context.attach(trace.set_span_in_context(span))
@@ -171,9 +155,8 @@ async def process(driver: Driver, delivery: Delivery, services: Services) -> Pro
     finally:
         otel_context.detach(token)
         span.end()
-    labels = {"conveyor.resource.type": resource_type, "conveyor.outcome": outcome.kind.value}
-    telemetry.process_duration.record(time.perf_counter() - started, labels)
-    telemetry.count_run(_RUN_OUTCOMES[outcome.kind])
+    kind = outcome.kind
+    telemetry.record_run(route, time.perf_counter() - started, kind.value, _RUN_OUTCOMES[kind])
     return _in_span(processed, span.get_span_context())
 
 
