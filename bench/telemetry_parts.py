@@ -3,7 +3,7 @@
 Each measurement is a child process (OpenTelemetry's providers are set once per process)
 that sends ``BENCH_N`` pre-encoded events through the dispatcher's ``process`` with a
 no-op handler, then writes the result's trace context into headers as the
-settlement does (:func:`~conveyor_driver.telemetry.inject`), and reports its CPU time per
+settlement does (:func:`~conveyor_driver.trace_context.inject`), and reports its CPU time per
 run. Modes as in ``bench_telemetry.py``: ``off`` (no SDK), ``on`` (every span recorded,
 batched spans exported nowhere, metrics in memory), ``sampled`` (10% of traces).
 
@@ -51,7 +51,8 @@ async def child(mode: str, without: str) -> None:
 
     from conveyor_driver import Context, Driver, protocol
     from conveyor_driver.runtime.dispatcher import Delivery, Services, process
-    from conveyor_driver.telemetry import Telemetry, inject
+    from conveyor_driver.telemetry import Telemetry
+    from conveyor_driver.trace_context import inject
     from conveyor_driver.testing.fake_api import FakeConveyorClient
 
     driver = Driver("parts", concurrency=64)

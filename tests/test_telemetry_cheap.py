@@ -31,8 +31,9 @@ from test_telemetry import Parent, captured, points
 
 from conveyor_driver import Context, Driver, Fail, protocol
 from conveyor_driver.embedded import EmbeddedNats
-from conveyor_driver.telemetry import _DURATION_BATCH, _Durations, inject
+from conveyor_driver.telemetry import _DURATION_BATCH, _Durations
 from conveyor_driver.testing.fixtures import running
+from conveyor_driver.trace_context import inject
 
 # --- headers -------------------------------------------------------------------------------
 
@@ -148,7 +149,7 @@ async def test_a_dropped_trace_gets_no_span_and_its_result_says_not_sampled(
     assert span_id != unsampled.span_id
     assert seen[dropped_run] == (f"{trace_id:032x}", f"{span_id:016x}")
     # The log entries name the run's span too (their flags say sampled whatever the
-    # sampler said: they are rebuilt from the ids alone, see telemetry.span_context_from_ids).
+    # sampler said: they are rebuilt from the ids alone, see trace_context.span_context_from_ids).
     assert [_traceparent(m.headers)[:2] for m in logs] == [(trace_id, span_id)] * 2
 
 

@@ -24,7 +24,7 @@ import orjson
 import structlog
 from structlog.typing import EventDict, FilteringBoundLogger, Processor, WrappedLogger
 
-from ..telemetry import add_trace_ids
+from ..trace_context import add_trace_ids
 from .redact import Redactor
 
 #: Keys the runtime binds on every run logger. Sinks that carry them in fields of their own

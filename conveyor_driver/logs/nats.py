@@ -40,7 +40,7 @@ import orjson
 
 from .. import protocol
 from ..models import LogEntry, encode_log_entry
-from ..telemetry import inject, span_context_from_ids
+from ..trace_context import inject, span_context_from_ids
 from .chain import render_message, truncate_line
 from .sink import LineCounter, SinkReporter
 from .stdlib import silence_bridge

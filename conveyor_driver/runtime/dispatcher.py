@@ -27,7 +27,8 @@ from ..logs.redact import Redactor
 from ..logs.stdlib import run_scope
 from ..models import DecodeError, DriverMessage, decode_driver_message
 from ..outcomes import Action, Kind, Outcome
-from ..telemetry import Telemetry, extract
+from ..telemetry import Telemetry
+from ..trace_context import extract
 from ..workspace import RunWorkspace, finish
 
 if TYPE_CHECKING:

@@ -27,7 +27,7 @@ from nats.js.errors import APIError
 from .. import protocol
 from ..models import DecodeError, DriverMessage, decode_driver_message, encode_result
 from ..outcomes import Action, Outcome, Result
-from ..telemetry import inject
+from ..trace_context import inject
 from .dispatcher import Delivery, Processed
 from .ledger import DECIDED, RECORD_OVERHEAD, Fenced, RunRecord
 from .publisher import describe, headers_size
