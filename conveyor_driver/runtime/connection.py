@@ -4,8 +4,8 @@ With TLS configured, the connection is hardened here too: a server that does not
 TLS is refused (nats-py would fall back to plaintext), a TLS failure becomes one line that
 says what to fix, and asyncio's harmless warning about closed TLS streams is kept out of
 the log. Loading and checking the certificates themselves is :mod:`conveyor_driver.tls`'s
-job. The client itself (:class:`DriverClient`) also reads the publisher's replies straight
-off the wire.
+job. The client itself (:class:`DriverClient`) hands the consumer's deliveries and the
+publisher's replies over straight from its parser.
 """
 
 from __future__ import annotations
