@@ -52,8 +52,8 @@ async def child(mode: str, without: str) -> None:
     from conveyor_driver import Context, Driver, protocol
     from conveyor_driver.runtime.dispatcher import Delivery, Services, process
     from conveyor_driver.telemetry import Telemetry
-    from conveyor_driver.trace_context import inject
     from conveyor_driver.testing.fake_api import FakeConveyorClient
+    from conveyor_driver.trace_context import inject
 
     driver = Driver("parts", concurrency=64)
 
