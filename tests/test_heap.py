@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from _helpers import raw_results, wait_until
 from apps.harness import app, driver_process
-from apps.worker_app import driver as worker
+from apps.heap_app import driver as heap_driver
 from nats.aio.client import Client
 
 from conveyor_driver import Context, Driver
@@ -19,21 +19,21 @@ from conveyor_driver.runtime.consumer import ensure_consumer
 from conveyor_driver.runtime.heap import YOUNG_THRESHOLD
 from conveyor_driver.testing.fixtures import running
 
-WORKER = app("worker_app.py:driver")
+HEAP = app("heap_app.py:driver")
 
 
 @pytest.mark.process
 async def test_conveyor_driver_run_freezes_the_start_up_heap_and_collects_less_often(
     nats_server: EmbeddedNats, nats_client: Client
 ) -> None:
-    await ensure_consumer(nats_client, worker)
+    await ensure_consumer(nats_client, heap_driver)
     async with raw_results(nats_client) as results:
         run_id = (await emit_event(nats_client, Resource("job-0", "job"))).run_id
-        async with driver_process(WORKER, "--nats-url", nats_server.url, "--max-runs", "1") as proc:
+        async with driver_process(HEAP, "--nats-url", nats_server.url, "--max-runs", "1") as proc:
             assert await proc.wait() == 0, proc.output
         await results.wait(run_id)
     [body] = results.for_run(run_id)
-    heap = body["driverresult"]["data"]["gc"]
+    heap = body["driverresult"]["data"]
     assert heap["young"] == YOUNG_THRESHOLD
     assert heap["frozen"] > 10_000  # modules, clients, settings: what start-up built
 

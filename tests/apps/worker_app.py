@@ -2,14 +2,12 @@
 
 spec keys: ``sleep`` (seconds the handler takes), ``stdlib`` (a line to log through the
 standard ``logging`` module as well). The result data names the process and the delivery,
-so a test can tell which instance handled which run, and on which attempt, and says how
-the process's garbage collector was set.
+so a test can tell which instance handled which run, and on which attempt.
 """
 
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import os
 from typing import Any
@@ -38,13 +36,7 @@ async def work(ctx: Context) -> dict[str, Any]:
         logging.getLogger("worker.lib").warning(spec["stdlib"])
     await asyncio.sleep(float(spec.get("sleep", 0)))
     ctx.log.info("handler finished")
-    return {
-        "pid": os.getpid(),
-        "run_id": ctx.run_id,
-        "attempt": ctx.attempt,
-        # How the process's garbage collector was set for serving (tests/test_heap.py).
-        "gc": {"young": gc.get_threshold()[0], "frozen": gc.get_freeze_count()},
-    }
+    return {"pid": os.getpid(), "run_id": ctx.run_id, "attempt": ctx.attempt}
 
 
 for instance in (driver, impatient, nimble, doomed):
