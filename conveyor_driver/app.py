@@ -232,7 +232,9 @@ class Driver:
 
         ``conveyor-driver run`` comes through here too, so a driver started from Python
         and one started from the command line read the same variables and install the
-        OpenTelemetry SDK from the same ``OTEL_*`` variables.
+        OpenTelemetry SDK from the same ``OTEL_*`` variables. The process is the driver's:
+        once started, its garbage collector is set for serving (a frozen start-up heap,
+        fewer collections); :meth:`serve` in your own event loop leaves it alone.
         """
         from .loops import run
         from .runtime.heap import owned_by_driver
