@@ -205,3 +205,16 @@ def one_error_line(result: Result) -> str:
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
     return lines[0].removeprefix("Error: ")
+
+
+class NatsLogs:
+    """Log entries published on ``logs.>`` (a core subscription beside the server's consumer)."""
+
+    def __init__(self) -> None:
+        self.entries: list[dict[str, Any]] = []
+
+    async def on_message(self, msg: Msg) -> None:
+        self.entries.append(json.loads(msg.data))
+
+    def messages(self, run_id: str) -> list[str]:
+        return [e["message"] for e in self.entries if e["runid"] == run_id]

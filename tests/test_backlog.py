@@ -10,7 +10,6 @@ set once per process, and "without the SDK" is a process whose imports of it fai
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import signal
 import sys
@@ -22,7 +21,7 @@ import aiohttp
 import pytest
 import structlog
 from _helpers import consumer_info, driver_message, resource_json, wait_until
-from apps.harness import CLI, DriverProcess, app, clean_env, driver_process, run_cli
+from apps.harness import CLI, DriverProcess, app, clean_env, cli_process, driver_process, run_cli
 from nats.aio.client import Client
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -121,23 +120,11 @@ async def publish_jobs(nc: Client, count: int, **spec: str) -> None:
         await nc.jetstream().publish("resources.job", body)
 
 
-@contextlib.asynccontextmanager
-async def child(*argv: str) -> AsyncIterator[DriverProcess]:
-    """A ``conveyor-driver`` process (any command) for the length of the block."""
+def child(*argv: str) -> contextlib.AbstractAsyncContextManager[DriverProcess]:
+    """A ``conveyor-driver`` process (any command) for the length of the block, without the
+    ``OTEL_*`` variables of the test's own environment."""
     env = {k: v for k, v in clean_env().items() if not k.startswith("OTEL_")}
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-        start_new_session=True,
-    )
-    process = DriverProcess(proc)
-    try:
-        yield process
-    finally:
-        await process.close()
+    return cli_process(*argv, env=env)
 
 
 @contextlib.asynccontextmanager

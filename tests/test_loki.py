@@ -13,10 +13,9 @@ from typing import Any, TypedDict
 
 import pytest
 import pytest_asyncio
-from _helpers import wait_until
+from _helpers import NatsLogs, wait_until
 from _loki_receiver import TIMEOUT, Entry, LokiReceiver
 from nats.aio.client import Client
-from nats.aio.msg import Msg
 from structlog.typing import FilteringBoundLogger
 
 from conveyor_driver import Context, Driver, Resource, Result
@@ -416,19 +415,6 @@ async def test_a_line_json_cannot_carry_is_dropped_alone_and_shipping_goes_on(
 
 
 # -- through the runtime --------------------------------------------------------------------
-
-
-class NatsLogs:
-    """Log entries published on ``logs.>`` (a core subscription beside the server's consumer)."""
-
-    def __init__(self) -> None:
-        self.entries: list[dict[str, Any]] = []
-
-    async def on_message(self, msg: Msg) -> None:
-        self.entries.append(json.loads(msg.data))
-
-    def messages(self, run_id: str) -> list[str]:
-        return [e["message"] for e in self.entries if e["runid"] == run_id]
 
 
 async def test_runtime_ships_run_and_driver_lines_to_loki_and_nats(

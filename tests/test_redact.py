@@ -16,15 +16,13 @@ import secrets
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import pytest_asyncio
 from _certs import make_pki
-from _helpers import wait_until
+from _helpers import NatsLogs, wait_until
 from _loki_receiver import TIMEOUT, LokiReceiver
 from nats.aio.client import Client
-from nats.aio.msg import Msg
 
 from conveyor_driver import Context, Driver, Resource, Result
 from conveyor_driver.api.auth import CertificateAuth
@@ -343,17 +341,6 @@ async def test_a_secret_across_the_cut_of_a_very_long_line_is_masked(
 
 
 # -- every sink, through a served driver --------------------------------------------------------
-
-
-class NatsLogs:
-    def __init__(self) -> None:
-        self.entries: list[dict[str, Any]] = []
-
-    async def on_message(self, msg: Msg) -> None:
-        self.entries.append(json.loads(msg.data))
-
-    def messages(self, run_id: str) -> list[str]:
-        return [e["message"] for e in self.entries if e["runid"] == run_id]
 
 
 @pytest_asyncio.fixture

@@ -8,8 +8,10 @@ is one line, the old code serving on, until the next save fixes it.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import textwrap
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,17 @@ def _copy_app(directory: Path) -> Path:
     app = directory / "app.py"
     app.write_text((APPS / "reload_app.py").read_text())
     return app
+
+
+@contextlib.asynccontextmanager
+async def _reloading(
+    directory: Path, nats_server: EmbeddedNats
+) -> AsyncIterator[tuple[Path, DriverProcess]]:
+    """A copy of the reload app in ``directory``, served with ``--reload`` and started."""
+    app = _copy_app(directory)
+    async with driver_process(f"{app}:driver", "--reload", "--nats-url", nats_server.url) as proc:
+        await proc.started()
+        yield app, proc
 
 
 def _with_version(text: str, version: str) -> str:
@@ -118,12 +131,10 @@ async def test_an_edit_mid_stream_reloads_and_every_event_gets_one_result(tmp_pa
 async def test_a_syntax_error_is_one_line_and_the_old_code_serves_until_the_fix(
     tmp_path: Path, nats_server: EmbeddedNats, nats_client: Client
 ) -> None:
-    app = _copy_app(tmp_path)
     async with (
-        driver_process(f"{app}:driver", "--reload", "--nats-url", nats_server.url) as proc,
+        _reloading(tmp_path, nats_server) as (app, proc),
         watch_results(nats_client) as watch,
     ):
-        await proc.started()
         good = app.read_text()
         broken_line = len(good.splitlines()) + 1
         app.write_text(good + "def broken(:\n")
@@ -228,12 +239,10 @@ async def test_new_code_that_dies_at_start_waits_for_the_next_change(
     tmp_path: Path, nats_server: EmbeddedNats, nats_client: Client
 ) -> None:
     """It imports (the check passes) but its start-up hook raises: no exit, no endless loop."""
-    app = _copy_app(tmp_path)
     async with (
-        driver_process(f"{app}:driver", "--reload", "--nats-url", nats_server.url) as proc,
+        _reloading(tmp_path, nats_server) as (app, proc),
         watch_results(nats_client) as watch,
     ):
-        await proc.started()
         good = app.read_text()
         app.write_text(good + _REFUSING_HOOK)
         waiting = "worker keeps exiting at start; waiting for the next change"

@@ -186,14 +186,13 @@ class DriverProcess:
 
 
 @contextlib.asynccontextmanager
-async def driver_process(
-    *args: str, env: Mapping[str, str] | None = None
+async def cli_process(
+    *argv: str, env: Mapping[str, str] | None = None
 ) -> AsyncIterator[DriverProcess]:
-    """``conveyor-driver run ARGS`` for the length of the block."""
+    """The command ``argv`` (a ``conveyor-driver`` command, or Python) for the length of the
+    block."""
     proc = await asyncio.create_subprocess_exec(
-        *CLI,
-        "run",
-        *args,
+        *argv,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -206,6 +205,13 @@ async def driver_process(
         yield process
     finally:
         await process.close()
+
+
+def driver_process(
+    *args: str, env: Mapping[str, str] | None = None
+) -> contextlib.AbstractAsyncContextManager[DriverProcess]:
+    """``conveyor-driver run ARGS`` for the length of the block."""
+    return cli_process(*CLI, "run", *args, env=env)
 
 
 async def wait_settled(
