@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 from opentelemetry import baggage, propagate, trace
 from opentelemetry.context import Context as OtelContext
-from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+from opentelemetry.trace import NonRecordingSpan, SpanContext
 from structlog.typing import EventDict, WrappedLogger
 
 
@@ -73,19 +73,14 @@ def _is_default_w3c(textmap: object) -> bool:
     }
 
 
-def span_context_from_ids(trace_id: str, span_id: str) -> SpanContext:
-    """The span context a log entry was written in, from the ids the chain added to it."""
-    return SpanContext(
-        trace_id=int(trace_id, 16),
-        span_id=int(span_id, 16),
-        is_remote=False,
-        trace_flags=TraceFlags(TraceFlags.SAMPLED),
-    )
+def current_span_context() -> SpanContext:
+    """The span context current here (invalid outside any span)."""
+    return trace.get_current_span().get_span_context()
 
 
 def add_trace_ids(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
     """structlog processor: ``trace_id``/``span_id`` of the current span, when there is one."""
-    span_context = trace.get_current_span().get_span_context()
+    span_context = current_span_context()
     if span_context.is_valid:
         event_dict["trace_id"] = format(span_context.trace_id, "032x")
         event_dict["span_id"] = format(span_context.span_id, "016x")

@@ -25,6 +25,7 @@ from _helpers import TIMEOUT, driver_message, publish, raw_results, resource_jso
 from apps.harness import CLI, DriverProcess, app, clean_env
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from opentelemetry import trace
 from structlog.typing import FilteringBoundLogger
 
 from conveyor_driver import Context, Driver, Resource, Result
@@ -217,7 +218,15 @@ async def test_lines_still_queued_at_shutdown_are_flushed(
 
 # -- lines too big, refusals, shutdown ------------------------------------------------------
 
-TRACE = {"trace_id": "0af7651916cd43dd8448eb211c80319c", "span_id": "b7ad6b7169203331"}
+#: A span current while a line is logged: its entry carries it as ``traceparent``.
+TRACE = trace.NonRecordingSpan(
+    trace.SpanContext(
+        0x0AF7651916CD43DD8448EB211C80319C,
+        0xB7AD6B7169203331,
+        is_remote=False,
+        trace_flags=trace.TraceFlags(trace.TraceFlags.SAMPLED),
+    )
+)
 
 
 def marker(size: int) -> str:
@@ -335,8 +344,9 @@ async def test_the_limit_comes_from_the_server_and_counts_the_trace_headers() ->
             await nc.subscribe("live.logs.run-1.direct", cb=on_line)
             direct = DirectSink(nc)
             log = direct.log.bind(run_id="run-1")
-            log.info("y" * 100_000, **TRACE)
-            log.info("after", **TRACE)
+            with trace.use_span(TRACE):
+                log.info("y" * 100_000)
+                log.info("after")
             await direct.sink.close()
             stored = await all_stored(nc)
             await wait_until(lambda: len(seen) == 2, what="2 live lines")
@@ -350,7 +360,9 @@ async def test_the_limit_comes_from_the_server_and_counts_the_trace_headers() ->
     # The server closes the connection of a client that sends more than max_payload,
     # headers included: it never had to.
     assert reconnects == 0
-    assert seen[0].headers is not None and "traceparent" in seen[0].headers
+    assert seen[0].headers == {
+        "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    }
     assert limit - 200 < len(seen[0].data) < limit
     assert direct.warnings() == []
 

@@ -148,9 +148,9 @@ async def test_a_dropped_trace_gets_no_span_and_its_result_says_not_sampled(
     assert (trace_id, flags) == (unsampled.trace_id, 0)
     assert span_id != unsampled.span_id
     assert seen[dropped_run] == (f"{trace_id:032x}", f"{span_id:016x}")
-    # The log entries name the run's span too (their flags say sampled whatever the
-    # sampler said: they are rebuilt from the ids alone, see trace_context.span_context_from_ids).
-    assert [_traceparent(m.headers)[:2] for m in logs] == [(trace_id, span_id)] * 2
+    # The log entries carry the run's span as the result does, flags included: a line of a
+    # dropped trace must not tell whoever reads it that the trace is sampled.
+    assert [_traceparent(m.headers) for m in logs] == [(trace_id, span_id, 0)] * 2
 
 
 async def test_durations_and_runs_are_counted_per_route_and_outcome(

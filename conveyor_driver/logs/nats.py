@@ -40,18 +40,21 @@ import orjson
 
 from .. import protocol
 from ..models import LogEntry, encode_log_entry
-from ..trace_context import inject, span_context_from_ids
+from ..trace_context import current_span_context, inject
 from .chain import render_message, truncate_line
 from .sink import LineCounter, SinkReporter
 from .stdlib import silence_bridge
 
 if TYPE_CHECKING:
+    from opentelemetry.trace import SpanContext
     from structlog.typing import EventDict, FilteringBoundLogger, WrappedLogger
 
     from ..runtime.publisher import Publisher
 
 _BATCH = 256
 _Item = tuple[str, bytes, dict[str, str] | None]
+#: A line as logged, with the span it was logged in (None: outside any).
+_Line = tuple["EventDict", "SpanContext | None"]
 _ACK_TIMEOUT = 5.0
 #: The pause before a batch that met weather is tried again.
 _RETRY_DELAY = 1.0
@@ -83,7 +86,7 @@ class NatsLogSink:
         self.max_queue = max_queue
         self.stats = NatsStats()
         self._reporter = SinkReporter("nats", console=console, on_lines=on_lines)
-        self._queue: collections.deque[EventDict] = collections.deque()
+        self._queue: collections.deque[_Line] = collections.deque()
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
@@ -102,20 +105,21 @@ class NatsLogSink:
 
     def __call__(self, _logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
         if "run_id" in event_dict:
-            self._enqueue(dict(event_dict))
+            # The span itself, not the ids the chain wrote: its flags say whether the trace
+            # is sampled, and the entry's traceparent must say the same as the result's.
+            span = current_span_context() if "trace_id" in event_dict else None
+            self._enqueue((dict(event_dict), span))
         return event_dict
 
-    def _encode(self, event_dict: EventDict, publisher: Publisher) -> _Item | str:
+    def _encode(self, line: _Line, publisher: Publisher) -> _Item | str:
         """Render an entry in the shipper task, off the handler's path.
 
         The result fits in the server's ``max_payload`` with its headers; a string says
         why it cannot.
         """
+        event_dict, span = line
         run_id = str(event_dict["run_id"])
-        headers = None
-        if "trace_id" in event_dict and "span_id" in event_dict:
-            span = span_context_from_ids(event_dict["trace_id"], event_dict["span_id"])
-            headers = inject({}, span)
+        headers = inject({}, span) if span is not None else None
         entry = LogEntry(
             runid=run_id,
             driver=self.driver,
@@ -140,7 +144,7 @@ class NatsLogSink:
             body = fitted
         return run_id, body, headers
 
-    def _enqueue(self, item: EventDict) -> None:
+    def _enqueue(self, item: _Line) -> None:
         if len(self._queue) >= self.max_queue:
             self._queue.popleft()
             self.stats.dropped += 1
@@ -229,9 +233,9 @@ class NatsLogSink:
         publisher = self._publisher
         batch: list[_Item] = []
         for _ in range(min(_BATCH, len(self._queue))):
-            event_dict = self._queue.popleft()
+            line = self._queue.popleft()
             try:
-                item = self._encode(event_dict, publisher)
+                item = self._encode(line, publisher)
             except Exception as exc:  # a value the encoder cannot take: this entry only
                 self._drop(1, f"cannot encode the entry: {exc}", "encode")
                 continue
