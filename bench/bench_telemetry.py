@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_dispatch import make_events, measure, run_framework
 
 from conveyor_driver.embedded import EmbeddedNats
+from conveyor_driver.runtime.heap import owned_by_driver
 
 N = int(os.environ.get("BENCH_N", "5000"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
@@ -71,7 +72,8 @@ async def child(mode: str, url: str, name: str) -> None:
         install_sdk(0.1)
     nc = await nats.connect(url)
     try:
-        run = await measure(url, nc, run_framework, name, CONCURRENCY, make_events(N))
+        with owned_by_driver():
+            run = await measure(url, nc, run_framework, name, CONCURRENCY, make_events(N))
     finally:
         await nc.close()
     print(f"{run.rate:.1f} {run.cpu_us:.1f}")
