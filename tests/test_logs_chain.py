@@ -9,6 +9,7 @@ from typing import Any
 
 import orjson
 import pytest
+from opentelemetry import trace
 from structlog.typing import EventDict, WrappedLogger
 
 from conveyor_driver.logs.chain import RUN_KEYS, build_logger, render_message, truncate_line
@@ -92,6 +93,20 @@ def test_json_format_writes_one_object_per_line() -> None:
             "seconds": 2.5,
         },
     ]
+
+
+@pytest.mark.parametrize("trace_ids", [True, False])
+def test_trace_ids_of_the_current_span_are_added_unless_left_out(trace_ids: bool) -> None:
+    span = trace.NonRecordingSpan(
+        trace.SpanContext(0xABC, 0xDEF, is_remote=False, trace_flags=trace.TraceFlags(1))
+    )
+    stream = io.StringIO()
+    log = build_logger(fmt="json", stream=stream, trace_ids=trace_ids)
+    with trace.use_span(span):
+        log.info("in a span")
+    [line] = read_lines(stream)
+    ids = {"trace_id": f"{0xABC:032x}", "span_id": f"{0xDEF:016x}"}
+    assert {key: line[key] for key in ids if key in line} == (ids if trace_ids else {})
 
 
 def test_json_format_renders_values_that_are_not_json_as_text() -> None:

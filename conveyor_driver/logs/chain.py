@@ -1,7 +1,7 @@
 """The structlog processor chain every driver log line goes through.
 
-    add level → timestamp → format exception → trace ids → mask secrets → sinks (NATS, Loki)
-    → console renderer
+    add level → timestamp → format exception → trace ids (when tracing) → mask secrets
+    → sinks (NATS, Loki) → console renderer
 
 Sinks are plain processors that copy what they need and hand it to a background task, so
 a log call on the handler's path costs one dict walk and a queue append, never I/O. The
@@ -41,13 +41,16 @@ def build_logger(
     sinks: Sequence[Processor] = (),
     stream: TextIO | None = None,
     redactor: Redactor | None = None,
+    trace_ids: bool = True,
 ) -> FilteringBoundLogger:
     """A bound logger writing to ``stream`` (stderr) and handing run lines to ``sinks``.
 
     ``fmt`` is ``console`` (coloured, for people), ``json`` (one object a line, for log
     collectors) or ``auto``: console on a terminal, JSON otherwise. ``redactor`` masks
     secrets after the exception is formatted (a traceback can hold one) and before the
-    sinks and the renderer, so every output receives the same masked text.
+    sinks and the renderer, so every output receives the same masked text. ``trace_ids``
+    false leaves out the lookup of the current span, which a driver without a tracer
+    provider would make on every line and never find.
     """
     output = stream if stream is not None else sys.stderr
     if fmt == "auto":
@@ -61,7 +64,7 @@ def build_logger(
         structlog.processors.add_log_level,
         _UtcTimestamper(),
         structlog.processors.format_exc_info,
-        add_trace_ids,
+        *([add_trace_ids] if trace_ids else []),
         *([redactor] if redactor is not None else []),
         *sinks,
         renderer,

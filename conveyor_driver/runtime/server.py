@@ -97,7 +97,11 @@ async def serve(driver: Driver, settings: Settings | None = None) -> None:
         )
         sinks.append(loki)
     log = build_logger(
-        level=settings.log_level, fmt=settings.log_format, sinks=sinks, redactor=redactor
+        level=settings.log_level,
+        fmt=settings.log_format,
+        sinks=sinks,
+        redactor=redactor,
+        trace_ids=telemetry.enabled(),
     ).bind(driver=driver.name)
     if settings.worker_index is not None:
         log = log.bind(worker=settings.worker_index)
