@@ -3,6 +3,7 @@ redelivery's attempt is not its delivery count."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import signal
 from pathlib import Path
@@ -285,3 +286,86 @@ def _logged(records: list[dict[str, Any]], start: str) -> bool:
 
 async def _has_result(nc: Client, run_id: str) -> bool:
     return await _stored_results(nc, run_id) > 0
+
+
+async def test_a_result_waiting_out_weather_is_not_fenced_by_its_own_decision(
+    nats_server: EmbeddedNats, nats_client: Client, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The result stream is away for several ``ack_wait``s after the run was decided: the
+    in-progress acks keep the delivery here, the decision in the ledger is this instance's
+    own (no lease renewal may take it for another's), and the result is stored once the
+    stream is back, without a redelivery."""
+    js = nats_client.jetstream()
+    driver = Driver("patient", ack_wait=2.0)
+    calls: list[str] = []
+
+    @driver.on("pipeline")
+    async def build(ctx: Context) -> str:
+        calls.append(ctx.run_id)
+        return "built"
+
+    async with running(driver, nats_server.url):
+        await js.delete_stream(protocol.PIPELINE_STREAM)
+        run_id = await send(nats_client, resource_json())
+        await wait_until(lambda: calls, what="the handler ran")
+        await asyncio.sleep(3 * driver.ack_wait)  # the weather: renewals are due meanwhile
+        await js.add_stream(protocol.server_streams()[1])
+        await wait_until(lambda: settled(nats_client, "patient"), what="acked")
+        info = await consumer_info(nats_client, "patient")
+    console = capsys.readouterr().err
+    assert calls == [run_id]
+    assert await _stored_results(nats_client, run_id) == 1
+    assert info.delivered is not None and info.delivered.consumer_seq == 1
+    assert "result not stored yet; retrying" in console
+    assert "fenced" not in console and "lease lost" not in console
+
+
+async def test_a_result_held_back_while_another_instance_reported_the_run_is_not_sent_again(
+    nats_server: EmbeddedNats, nats_client: Client, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A decided the run, then its result and in-progress acks are lost on the wire: after
+    ``ack_wait`` JetStream redelivers to B, which finds A's decision, publishes it and acks.
+    A's link comes back later than the result stream's de-duplication window; A's next try
+    first asks the ledger, finds that B reported the run, and sends nothing: one result
+    stored, one run of the handler."""
+    await _short_duplicate_window(nats_client)
+    cut = [True]
+
+    def cut_off(subject: str, payload: bytes) -> bool:
+        return cut[0] and (subject == protocol.RESULT_SUBJECT or payload == b"+WPI")
+
+    calls: list[str] = []
+    a, b = (Driver("twins", ack_wait=2.0, concurrency=1) for _ in range(2))
+    for driver in (a, b):
+
+        @driver.on("pipeline")
+        async def build(ctx: Context) -> str:
+            calls.append(ctx.run_id)
+            return "built"
+
+    console: list[str] = []
+
+    def said(text: str) -> bool:
+        console.append(capsys.readouterr().err)
+        return text in "".join(console)
+
+    held = "another instance reported this run while its result waited"
+
+    async def a_tried_again(run_id: str) -> bool:
+        return said(held) or await _stored_results(nats_client, run_id) == 2
+
+    async with fault_proxy(nats_server.url, cut_off) as proxy, running(a, proxy.url):
+        run_id = await send(nats_client, resource_json())
+        await wait_until(
+            lambda: any(s == protocol.RESULT_SUBJECT for s, _ in proxy.dropped),
+            what="A's result lost on the wire",
+        )
+        async with running(b, nats_server.url):
+            await wait_until(lambda: settled(nats_client, "twins"), what="B acked the redelivery")
+            await asyncio.sleep(1.5)  # past the result stream's de-duplication window (1 s)
+            cut[0] = False
+            await wait_until(lambda: a_tried_again(run_id), what="A's next try")
+        stored = await _stored_results(nats_client, run_id)
+    assert calls == [run_id]
+    assert stored == 1
+    assert said(held)

@@ -8,10 +8,10 @@ import itertools
 from collections.abc import AsyncIterator
 
 import pytest
-from _helpers import wait_until
+from _helpers import TIMEOUT, wait_until
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.errors import MaxPayloadError
+from nats.errors import ConnectionReconnectingError, MaxPayloadError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import DiscardPolicy
 from nats.js.errors import (
@@ -151,10 +151,46 @@ async def test_publish_until_stored_waits_out_a_full_stream(nats_client: Client)
         on_weather=lambda n, error: weather.append((n, error)),
     )
     await purging
-    assert tries > 1 and [n for n, _ in weather] == list(range(1, tries))
+    assert tries is not None and tries > 1 and [n for n, _ in weather] == list(range(1, tries))
     assert all(isinstance(error, ServiceUnavailableError) for _, error in weather)
     assert not is_permanent(weather[0][1])
     assert await stored(nats_client) == 1
+
+
+async def test_publish_until_stored_hands_nothing_to_a_client_that_is_reconnecting(
+    nats_client: Client, nats_server: EmbeddedNats
+) -> None:
+    """nats-py keeps what is published while it reconnects and sends it afterwards, however
+    late: a result that is no longer wanted by then would still be stored. So tries made
+    while disconnected are weather, and the one after the link is back asks first."""
+    publisher = Publisher(nats_client, timeout=0.5)
+    await publisher.start()
+    await nats_server.stop()
+    await wait_until(lambda: nats_client.is_reconnecting, what="the client reconnecting")
+    weather: list[Exception] = []
+    wanted = [True]
+
+    async def still_wanted() -> bool:
+        return wanted[0]
+
+    trying = asyncio.create_task(
+        publisher.publish_until_stored(
+            p.RESULT_SUBJECT,
+            b"{}",
+            HEADERS,
+            backoff=Backoff(first=0.05, cap=0.1),
+            on_weather=lambda _n, error: weather.append(error),
+            still_wanted=still_wanted,
+        )
+    )
+    await wait_until(lambda: len(weather) >= 2, what="tries while disconnected")
+    wanted[0] = False
+    await nats_server.start()
+    assert await asyncio.wait_for(trying, TIMEOUT) is None
+    await wait_until(lambda: nats_client.is_connected, what="the client reconnected")
+    await nats_client.flush()
+    assert await stored(nats_client) == 0
+    assert all(isinstance(error, ConnectionReconnectingError) for error in weather)
 
 
 async def test_publish_until_stored_raises_a_permanent_refusal_at_once(

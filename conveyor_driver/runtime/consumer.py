@@ -379,8 +379,10 @@ class Consumer:
             processed = await process(self._driver, admission.delivery, self._services)
             decided = True
             await settlement.record(admission, processed)
-            # The lease may have been renewed meanwhile: decide on its latest revision.
-            published = await settlement.publish_result(self._admissions[task], processed)
+            # The handler has returned: from here the decision is the fence, and the lease
+            # is no longer renewed (a renewal would find this instance's own decision and
+            # take it for another's). The decision builds on the lease's latest revision.
+            published = await settlement.publish_result(self._admissions.pop(task), processed)
             if published is not None:
                 await settlement.settle(msg, processed.outcome, published)
         except asyncio.CancelledError:
@@ -425,6 +427,8 @@ class Consumer:
         try:
             renewed = await self._settlement.renew(admission)
         except Fenced as fenced:
+            if task not in self._admissions:
+                return  # sent before the handler returned; its decision is the fence now
             self._log.warning("lease lost: another instance decided this run", reason=str(fenced))
             self._fenced.add(task)
             task.cancel()

@@ -267,6 +267,16 @@ class RunLedger:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
+    async def is_current(self, record: RunRecord, sequence: int) -> bool:
+        """Whether ``record`` is still the ledger's last word on the message.
+
+        Asked before a decided result is published again after weather: if another
+        instance wrote meanwhile, it took the redelivery and reported the run, and one more
+        copy, later than the result stream's de-duplication window, would be stored as a
+        second result. The ledger is waited for, as :meth:`read` does.
+        """
+        return (await self.read(sequence, record.run_id)).revision == record.revision
+
     async def renew(self, record: RunRecord, sequence: int) -> RunRecord:
         """Keep a long run's lease fresh (beside its in-progress acks); :class:`Fenced` if
         another instance decided it meanwhile. Weather leaves the lease as it was."""

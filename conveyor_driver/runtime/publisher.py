@@ -19,12 +19,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import attrs
 import orjson
-from nats.errors import BadHeaderError, BadSubjectError, MaxPayloadError
+from nats.errors import (
+    BadHeaderError,
+    BadSubjectError,
+    ConnectionReconnectingError,
+    MaxPayloadError,
+)
 from nats.errors import Error as NatsError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import (
@@ -257,17 +262,28 @@ class Publisher:
         *,
         backoff: Backoff = DEFAULT_BACKOFF,
         on_weather: Callable[[int, Exception], object] | None = None,
-    ) -> int:
+        still_wanted: Callable[[], Awaitable[bool]] | None = None,
+    ) -> int | None:
         """Publish until the stream has it, however long weather lasts; return the tries.
 
-        ``on_weather`` hears each failed try (its number and error) before the pause. A
-        permanent refusal (:func:`is_permanent`) is raised; cancelling ends the wait.
+        ``on_weather`` hears each failed try (its number and error) before the pause.
+        ``still_wanted`` is asked before every try after the first: False ends the wait
+        with nothing more sent, and None is returned. A permanent refusal
+        (:func:`is_permanent`) is raised; cancelling ends the wait.
+
+        No try is handed to the client while it is disconnected: nats-py would keep it and
+        send it after the reconnect, however late, when ``still_wanted`` can no longer be
+        asked. Such a try counts as weather.
         """
         delays = backoff.delays()
         tries = 0
         while True:
             tries += 1
+            if tries > 1 and still_wanted is not None and not await still_wanted():
+                return None
             try:
+                if not self.nc.is_connected:
+                    raise ConnectionReconnectingError
                 await self.publish(subject, body, headers)
             except (NatsError, TimeoutError) as exc:
                 if is_permanent(exc):

@@ -120,7 +120,10 @@ class Settlement:
             headers = {
                 protocol.MSG_ID_HEADER: protocol.result_message_id(self._driver, admission.sequence)
             }
-            await self._store(record.result, headers, record.run_id)
+            try:
+                await self._store(record.result, headers, record.run_id, admission)
+            except _Superseded:  # another instance replayed it meanwhile, and acked it
+                return
             await self._ledger.mark_reported(record, admission.sequence)
         self._log.info(
             f"run already finished at {when} by instance {record.instance or '?'}; acked",
@@ -154,17 +157,18 @@ class Settlement:
         The ledger's compare-and-set is the fence: an instance that was paused past
         ``ack_wait`` while another took its delivery learns here that the other decided
         first, logs it and publishes nothing (nor acks: the delivery is the other's now).
-        """
-        stream_sequence = admission.sequence
-        """Store the run's result event, if it has one, before the message is settled.
 
-        Weather is waited out for as long as it lasts: the run stays alive meanwhile
+        Storing waits out weather for as long as it lasts: the run stays alive meanwhile
         (in-progress acks go on), and the de-duplication header makes a repeat harmless, so
         a finished build is never re-run only because its result could not be stored for a
-        while. A graceful shutdown still ends the wait (the run is handed back). A result
-        larger than the server takes is replaced by a failure naming the limit; a refusal
-        for good is logged and the run settled without its result.
+        while. With the ledger, each new try first checks that no other instance took the
+        delivery and reported the run meanwhile (an instance cut off from JetStream past
+        ``ack_wait``); if one did, nothing more is published. A graceful shutdown still ends
+        the wait (the run is handed back). A result larger than the server takes is
+        replaced by a failure naming the limit; a refusal for good is logged and the run
+        settled without its result.
         """
+        stream_sequence = admission.sequence
         message, result = processed.message, processed.outcome.result
         if result is None or message is None:
             return admission
@@ -197,7 +201,15 @@ class Settlement:
                 )
                 return None
             admission = Admission(admission.delivery, stream_sequence, decided)
-        refused = await self._store(body, headers, message.run_id)
+        try:
+            refused = await self._store(body, headers, message.run_id, admission)
+        except _Superseded:
+            self._log.warning(
+                "another instance reported this run while its result waited; "
+                "publishing nothing more",
+                run_id=message.run_id,
+            )
+            return None
         if refused is not None:
             too_large = isinstance(refused, MaxPayloadError) or (
                 isinstance(refused, APIError) and refused.err_code == _TOO_LARGE
@@ -262,8 +274,15 @@ class Settlement:
         await quietly(msg.nak())
         self._log.info("run handed back for redelivery", subject=msg.subject)
 
-    async def _store(self, body: bytes, headers: dict[str, str], run_id: str) -> NatsError | None:
-        """Publish until stored; the error of a refusal for good, else None."""
+    async def _store(
+        self, body: bytes, headers: dict[str, str], run_id: str, admission: Admission
+    ) -> NatsError | None:
+        """Publish until stored; the error of a refusal for good, else None.
+
+        With the ledger, a try after the first is made only while the admission's record is
+        still the ledger's last word (:meth:`RunLedger.is_current`); else
+        :class:`_Superseded` is raised.
+        """
 
         def weather(tries: int, error: Exception) -> None:
             if tries == 1 or tries % 10 == 0:
@@ -274,12 +293,25 @@ class Settlement:
                     error=describe(error),
                 )
 
+        ledger, record = self._ledger, admission.record
+        still_wanted = None
+        if ledger is not None and record is not None:
+
+            async def still_wanted() -> bool:
+                return await ledger.is_current(record, admission.sequence)
+
         try:
             tries = await self._publisher.publish_until_stored(
-                protocol.RESULT_SUBJECT, body, headers, on_weather=weather
+                protocol.RESULT_SUBJECT,
+                body,
+                headers,
+                on_weather=weather,
+                still_wanted=still_wanted,
             )
         except NatsError as exc:  # permanent: no retry changes it
             return exc
+        if tries is None:
+            raise _Superseded
         if tries > 1:
             self._log.info("result published", run_id=run_id, tries=tries)
         return None
@@ -304,6 +336,10 @@ class Settlement:
             result.data,
             self._driver,
         )
+
+
+class _Superseded(Exception):
+    """Another instance reported the run while its result waited out weather here."""
 
 
 async def quietly(action: Awaitable[object]) -> None:
