@@ -161,12 +161,15 @@ async def test_publish_until_stored_hands_nothing_to_a_client_that_is_reconnecti
     nats_client: Client, nats_server: EmbeddedNats
 ) -> None:
     """nats-py keeps what is published while it reconnects and sends it afterwards, however
-    late: a result that is no longer wanted by then would still be stored. So tries made
-    while disconnected are weather, and the one after the link is back asks first."""
+    late: a result that is no longer wanted by then would still be stored. So an acked
+    publish is not sent while disconnected (weather), and the try after the link is back
+    asks first."""
     publisher = Publisher(nats_client, timeout=0.5)
     await publisher.start()
     await nats_server.stop()
     await wait_until(lambda: nats_client.is_reconnecting, what="the client reconnecting")
+    with pytest.raises(ConnectionReconnectingError):
+        await publisher.store(p.RESULT_SUBJECT, b"{}", HEADERS)
     weather: list[Exception] = []
     wanted = [True]
 

@@ -245,7 +245,16 @@ class Publisher:
         return int(orjson.loads(answer)["seq"])
 
     async def _request(self, subject: str, body: bytes, headers: dict[str, str] | None) -> bytes:
-        """The PubAck's body; its error raised."""
+        """The PubAck's body; its error raised.
+
+        Nothing is handed to a client that is disconnected (``ConnectionReconnectingError``,
+        weather): nats-py would keep the message and send it after the reconnect, however
+        late, while the caller, its answer timed out, has tried again or moved on. A late
+        copy of a result could be stored after the stream's de-duplication window, and a
+        late ledger write could land on top of the caller's retry.
+        """
+        if not self.nc.is_connected:
+            raise ConnectionReconnectingError
         answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         reply = await self._reply()
         await self._send(subject, body, headers, reply, answer, self.timeout)
@@ -270,10 +279,6 @@ class Publisher:
         ``still_wanted`` is asked before every try after the first: False ends the wait
         with nothing more sent, and None is returned. A permanent refusal
         (:func:`is_permanent`) is raised; cancelling ends the wait.
-
-        No try is handed to the client while it is disconnected: nats-py would keep it and
-        send it after the reconnect, however late, when ``still_wanted`` can no longer be
-        asked. Such a try counts as weather.
         """
         delays = backoff.delays()
         tries = 0
@@ -282,8 +287,6 @@ class Publisher:
             if tries > 1 and still_wanted is not None and not await still_wanted():
                 return None
             try:
-                if not self.nc.is_connected:
-                    raise ConnectionReconnectingError
                 await self.publish(subject, body, headers)
             except (NatsError, TimeoutError) as exc:
                 if is_permanent(exc):
