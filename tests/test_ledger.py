@@ -280,6 +280,47 @@ async def test_an_instance_paused_past_ack_wait_is_fenced_and_one_result_is_stor
     assert await _stored_results(nats_client, message.run_id) == 1
 
 
+@pytest.mark.process
+async def test_an_instance_paused_after_deciding_publishes_nothing_once_another_reported(
+    nats_server: EmbeddedNats, nats_client: Client, tmp_path: Path
+) -> None:
+    """A stops right after recording its decision, before publishing the result; B takes
+    the redelivery, publishes the recorded result and acks. A, let go later than the result
+    stream's de-duplication window, sees that its decision took long, asks the ledger
+    before its first try, and publishes nothing."""
+    await _short_duplicate_window(nats_client)
+    calls = tmp_path / "calls"
+    url = ("--nats-url", nats_server.url)
+    env = clean_env(CONVEYOR_TEST_STOP_AFTER_DECIDE="1")
+
+    async def a_went_on(run_id: str) -> bool:
+        stood_down = _logged(a.records, "another instance reported this run")
+        return stood_down or await _stored_results(nats_client, run_id) == 2
+
+    async with driver_process(LEDGERED, *url, env=env) as a:
+        await a.started()
+        message = await emit_event(nats_client, Resource("a", "job", spec={"calls": str(calls)}))
+        await wait_until(lambda: _stopped(a.pid), what="A stopped after deciding")
+        try:
+            async with driver_process(LEDGERED, *url) as b:
+                await b.started()
+                await wait_until(lambda: settled(nats_client, "ledgered"), what="B acked")
+                await asyncio.sleep(1.5)  # past the result stream's de-duplication window
+                a.send(signal.SIGCONT)
+                await wait_until(lambda: a_went_on(message.run_id), what="A went on")
+        finally:
+            a.send(signal.SIGCONT)
+    assert _runs(calls) == [f"{a.pid} {message.run_id}"]
+    assert await _stored_results(nats_client, message.run_id) == 1
+    assert _logged(a.records, "another instance reported this run")
+
+
+def _stopped(pid: int) -> bool:
+    """Whether process ``pid`` is stopped (state ``T`` in /proc)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat.rsplit(")", 1)[1].split()[0] == "T"
+
+
 def _logged(records: list[dict[str, Any]], start: str) -> bool:
     return any(str(record.get("event", "")).startswith(start) for record in records)
 

@@ -189,8 +189,10 @@ class Settlement:
                 error=text,
             )
             body = self._encode(message, Result.fail(text))
+        late = False
         if keeping:
             assert self._ledger is not None and admission.record is not None
+            deciding = time.monotonic()
             try:
                 decided = await self._ledger.decide(admission.record, stream_sequence, body)
             except Fenced as fenced:
@@ -201,8 +203,11 @@ class Settlement:
                 )
                 return None
             admission = Admission(admission.delivery, stream_sequence, decided)
+            # Deciding took long (weather, or this process stood still): JetStream may have
+            # handed the delivery to another instance meanwhile. Ask before the first try.
+            late = time.monotonic() - deciding > self._confirm_within
         try:
-            refused = await self._store(body, headers, message.run_id, admission)
+            refused = await self._store(body, headers, message.run_id, admission, ask_first=late)
         except _Superseded:
             self._log.warning(
                 "another instance reported this run while its result waited; "
@@ -275,13 +280,19 @@ class Settlement:
         self._log.info("run handed back for redelivery", subject=msg.subject)
 
     async def _store(
-        self, body: bytes, headers: dict[str, str], run_id: str, admission: Admission
+        self,
+        body: bytes,
+        headers: dict[str, str],
+        run_id: str,
+        admission: Admission,
+        *,
+        ask_first: bool = False,
     ) -> NatsError | None:
         """Publish until stored; the error of a refusal for good, else None.
 
-        With the ledger, a try after the first is made only while the admission's record is
-        still the ledger's last word (:meth:`RunLedger.is_current`); else
-        :class:`_Superseded` is raised.
+        With the ledger, a try after the first (and the first too, with ``ask_first``) is
+        made only while the admission's record is still the ledger's last word
+        (:meth:`RunLedger.is_current`); else :class:`_Superseded` is raised.
         """
 
         def weather(tries: int, error: Exception) -> None:
@@ -299,6 +310,9 @@ class Settlement:
 
             async def still_wanted() -> bool:
                 return await ledger.is_current(record, admission.sequence)
+
+            if ask_first and not await still_wanted():
+                raise _Superseded
 
         try:
             tries = await self._publisher.publish_until_stored(

@@ -3,7 +3,9 @@
 
 With ``CONVEYOR_TEST_DIE_AFTER_PUBLISH=1`` in its environment, the process kills itself
 (SIGKILL) right after a result's PubAck and before the ack: the crash point that must
-neither lose the result nor publish it twice.
+neither lose the result nor publish it twice. With ``CONVEYOR_TEST_STOP_AFTER_DECIDE=1``
+it stops itself (SIGSTOP) right after recording its first decision in the ledger, before
+publishing the result; the test lets it go on (SIGCONT).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from conveyor_driver import Context, Driver
+from conveyor_driver.runtime.ledger import RunLedger, RunRecord
 from conveyor_driver.runtime.settlement import Admission, Settlement
 
 driver = Driver("ledgered", ack_wait=2.0, grace_period=1.0)
@@ -43,3 +46,17 @@ if os.environ.get("CONVEYOR_TEST_DIE_AFTER_PUBLISH"):
         return published
 
     Settlement.publish_result = _publish_then_die  # type: ignore[method-assign]
+
+
+if os.environ.get("CONVEYOR_TEST_STOP_AFTER_DECIDE"):
+    _decide = RunLedger.decide
+    _stopped: list[bool] = []
+
+    async def _decide_then_stop(self: RunLedger, *args: Any, **kwargs: Any) -> RunRecord:
+        decided = await _decide(self, *args, **kwargs)
+        if not _stopped:
+            _stopped.append(True)
+            os.kill(os.getpid(), signal.SIGSTOP)
+        return decided
+
+    RunLedger.decide = _decide_then_stop  # type: ignore[method-assign]
