@@ -15,6 +15,7 @@ from _fault_proxy import drop_first_acks, fault_proxy
 from _helpers import consumer_info, resource_json, send, settled, wait_until
 from apps.harness import app, clean_env, driver_process
 from nats.aio.client import Client
+from nats.errors import TimeoutError as NatsTimeoutError
 
 from conveyor_driver import Context, Driver, protocol
 from conveyor_driver.embedded import EmbeddedNats
@@ -22,6 +23,7 @@ from conveyor_driver.emit import emit_event
 from conveyor_driver.logs.chain import build_logger
 from conveyor_driver.models import Resource
 from conveyor_driver.runtime.ledger import Fenced, RunLedger, RunRecord
+from conveyor_driver.runtime.publisher import Publisher
 from conveyor_driver.testing import running
 
 
@@ -410,3 +412,44 @@ async def test_a_result_held_back_while_another_instance_reported_the_run_is_not
     assert calls == [run_id]
     assert stored == 1
     assert said(held)
+
+
+async def test_a_decision_stored_but_unanswered_is_recognised_as_this_instances_own(
+    nats_server: EmbeddedNats,
+    nats_client: Client,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The decision's write is stored, but its answer is lost (a stream leader that died
+    after replicating it): the retry finds the write already there. It is this instance's
+    own, not another's: the result is published at once, without a fence or a redelivery."""
+    store = Publisher.store
+    lost: list[str] = []
+
+    async def answer_lost_once(
+        self: Publisher, subject: str, body: bytes, headers: dict[str, str] | None = None
+    ) -> int:
+        revision = await store(self, subject, body, headers)
+        if subject.startswith("$KV.") and not lost:
+            lost.append(subject)
+            raise NatsTimeoutError
+        return revision
+
+    monkeypatch.setattr(Publisher, "store", answer_lost_once)
+    driver = Driver("unanswered", ack_wait=2.0)
+    calls: list[str] = []
+
+    @driver.on("pipeline")
+    async def build(ctx: Context) -> dict[str, Any]:
+        calls.append(ctx.run_id)
+        return {"built": "ü", "n": 1.5}
+
+    async with running(driver, nats_server.url):
+        run_id = await send(nats_client, resource_json())
+        await wait_until(lambda: settled(nats_client, "unanswered"), what="acked")
+        info = await consumer_info(nats_client, "unanswered")
+    console = capsys.readouterr().err
+    assert lost and calls == [run_id]
+    assert await _stored_results(nats_client, run_id) == 1
+    assert info.delivered is not None and info.delivered.consumer_seq == 1
+    assert "fenced" not in console

@@ -249,12 +249,16 @@ class RunLedger:
         record as written, whose revision :meth:`mark_reported` builds on.
         """
         delay = 0.05
+        tried: list[RunRecord] = []
         while True:
             decided = record.moved(DECIDED, result, self.instance)
+            tried.append(decided)
             try:
                 return decided.at_revision(await self._write(sequence, decided, record.revision))
             except KeyWrongLastSequenceError:
                 record = await self.read(sequence, record.run_id)
+                if record in tried:  # an earlier try was stored, its answer lost (weather)
+                    return record
                 if record.finished:
                     await self._change(
                         sequence, record.run_id, lambda r: attrs.evolve(r, fenced=r.fenced + 1)
