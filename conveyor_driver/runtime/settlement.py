@@ -81,6 +81,9 @@ class Settlement:
         #: reported and acked again: early enough that the mark lands before JetStream
         #: would redeliver.
         self._confirm_within = ack_wait / 4
+        #: A decision that took longer than this (weather, a process that stood still) may
+        #: have let JetStream hand the delivery to another instance meanwhile.
+        self._late_after = ack_wait / 4
         self._background: set[asyncio.Task[None]] = set()
 
     async def admit(self, msg: Msg) -> Admission:
@@ -122,7 +125,11 @@ class Settlement:
             }
             try:
                 await self._store(record.result, headers, record.run_id, admission)
-            except _Superseded:  # another instance replayed it meanwhile, and acked it
+            except _Superseded:
+                self._log.info(
+                    "another instance replayed this run meanwhile; publishing nothing more",
+                    run_id=record.run_id,
+                )
                 return
             await self._ledger.mark_reported(record, admission.sequence)
         self._log.info(
@@ -203,9 +210,7 @@ class Settlement:
                 )
                 return None
             admission = Admission(admission.delivery, stream_sequence, decided)
-            # Deciding took long (weather, or this process stood still): JetStream may have
-            # handed the delivery to another instance meanwhile. Ask before the first try.
-            late = time.monotonic() - deciding > self._confirm_within
+            late = time.monotonic() - deciding > self._late_after
         try:
             refused = await self._store(body, headers, message.run_id, admission, ask_first=late)
         except _Superseded:
