@@ -1,6 +1,9 @@
 """A driver for the run-ledger tests: each handler start is appended to ``spec["calls"]``
 (a file), so a test counts real runs across processes; ``spec["sleep"]`` makes it slow.
 
+``CONVEYOR_TEST_ACK_WAIT`` (seconds, default 2) gives it a longer ``ack_wait``: the
+cluster test's elections take longer than 2 s.
+
 With ``CONVEYOR_TEST_DIE_AFTER_PUBLISH=1`` in its environment, the process kills itself
 (SIGKILL) right after a result's PubAck and before the ack: the crash point that must
 neither lose the result nor publish it twice.
@@ -17,7 +20,11 @@ from typing import Any
 from conveyor_driver import Context, Driver
 from conveyor_driver.runtime.settlement import Admission, Settlement
 
-driver = Driver("ledgered", ack_wait=2.0, grace_period=1.0)
+driver = Driver(
+    "ledgered",
+    ack_wait=float(os.environ.get("CONVEYOR_TEST_ACK_WAIT", "2")),
+    grace_period=1.0,
+)
 
 
 @driver.on("job")
