@@ -3,6 +3,7 @@ redelivery's attempt is not its delivery count."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import signal
 from pathlib import Path
@@ -21,6 +22,7 @@ from conveyor_driver.emit import emit_event
 from conveyor_driver.logs.chain import build_logger
 from conveyor_driver.models import Resource
 from conveyor_driver.runtime.ledger import Fenced, RunLedger, RunRecord
+from conveyor_driver.runtime.settlement import Settlement
 from conveyor_driver.testing import running
 
 
@@ -220,6 +222,40 @@ async def test_a_redelivery_after_lost_acks_does_not_run_a_finished_build_again(
     assert outcome.stored == 1
     assert outcome.deliveries == 2
     assert outcome.summary["skipped_as_duplicate"] == 1
+
+
+async def test_a_run_whose_result_waits_to_be_stored_is_not_fenced_by_its_own_decision(
+    nats_client: Client, nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run is decided, then its result waits (the result stream electing a leader) past
+    a lease renewal. The renewal must not take the instance's own decision for another's:
+    it used to stop the run as "lease lost", unpublished and unacked, leaving its result to
+    a replay an ``ack_wait`` later (seen on a cluster: tests/test_cluster.py)."""
+    driver = Driver("patient", ack_wait=1.0)
+    calls: list[str] = []
+
+    @driver.on("pipeline")
+    async def build(ctx: Context) -> str:
+        calls.append(ctx.run_id)
+        return "built"
+
+    store = Settlement._store
+
+    async def after_an_election(self: Settlement, *args: Any) -> Any:
+        await asyncio.sleep(driver.ack_wait)  # weather: longer than a renewal period
+        return await store(self, *args)
+
+    monkeypatch.setattr(Settlement, "_store", after_an_election)
+    async with running(driver, nats_server.url):
+        run_id = await send(nats_client, resource_json())
+        await wait_until(lambda: settled(nats_client, "patient"), what="acked")
+        info = await consumer_info(nats_client, "patient")
+        bucket = await nats_client.jetstream().key_value(protocol.ledger_bucket("patient"))
+        summary = await RunLedger(bucket, build_logger()).summary()
+    assert calls == [run_id]
+    assert info.delivered is not None and info.delivered.consumer_seq == 1  # no replay
+    assert summary == {"finished": 1, "running": 0, "fenced": 0, "skipped_as_duplicate": 0}
+    assert await _stored_results(nats_client, run_id) == 1
 
 
 @pytest.mark.process

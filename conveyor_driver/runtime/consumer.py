@@ -379,8 +379,10 @@ class Consumer:
             processed = await process(self._driver, admission.delivery, self._services)
             decided = True
             await settlement.record(admission, processed)
-            # The lease may have been renewed meanwhile: decide on its latest revision.
-            published = await settlement.publish_result(self._admissions[task], processed)
+            # The lease may have been renewed meanwhile: decide on its latest revision. The
+            # lease ends here: from now on the decision's own compare-and-set is the fence,
+            # and a renewal would find this instance's decision and take it for another's.
+            published = await settlement.publish_result(self._admissions.pop(task), processed)
             if published is not None:
                 await settlement.settle(msg, processed.outcome, published)
         except asyncio.CancelledError:
@@ -425,7 +427,13 @@ class Consumer:
         try:
             renewed = await self._settlement.renew(admission)
         except Fenced as fenced:
-            self._log.warning("lease lost: another instance decided this run", reason=str(fenced))
+            if task not in self._admissions:
+                return  # the run is deciding: its decision says whether it lost, not this
+            self._log.warning(
+                "lease lost: another instance decided this run",
+                run_id=fenced.record.run_id,
+                reason=str(fenced),
+            )
             self._fenced.add(task)
             task.cancel()
             return
