@@ -258,6 +258,44 @@ async def test_a_run_whose_result_waits_to_be_stored_is_not_fenced_by_its_own_de
     assert await _stored_results(nats_client, run_id) == 1
 
 
+async def test_a_decision_whose_answer_was_lost_is_still_the_instance_own(
+    nats_client: Client, nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The decision is written, but its answer is lost (a leader died with it), so it is
+    tried again and finds the run decided: by this very instance. That is its own
+    decision, not a rival's: it used to be taken for one, the instance fenced itself and
+    published nothing, and the result waited an ``ack_wait`` for a replay."""
+    driver = Driver("unanswered", ack_wait=1.0)
+    calls: list[str] = []
+
+    @driver.on("pipeline")
+    async def build(ctx: Context) -> str:
+        calls.append(ctx.run_id)
+        return "built"
+
+    write = RunLedger._write
+    lost: list[int] = []
+
+    async def answer_lost_once(self: RunLedger, sequence: int, record: RunRecord, rev: int) -> int:
+        revision = await write(self, sequence, record, rev)
+        if record.state == "decided" and not lost:
+            lost.append(revision)
+            raise TimeoutError  # written, but the answer never came
+        return revision
+
+    monkeypatch.setattr(RunLedger, "_write", answer_lost_once)
+    async with running(driver, nats_server.url):
+        run_id = await send(nats_client, resource_json())
+        await wait_until(lambda: settled(nats_client, "unanswered"), what="acked")
+        info = await consumer_info(nats_client, "unanswered")
+        bucket = await nats_client.jetstream().key_value(protocol.ledger_bucket("unanswered"))
+        summary = await RunLedger(bucket, build_logger()).summary()
+    assert lost and calls == [run_id]
+    assert info.delivered is not None and info.delivered.consumer_seq == 1  # no replay
+    assert summary == {"finished": 1, "running": 0, "fenced": 0, "skipped_as_duplicate": 0}
+    assert await _stored_results(nats_client, run_id) == 1
+
+
 @pytest.mark.process
 async def test_kill_9_after_the_result_is_stored_neither_loses_it_nor_runs_twice(
     nats_server: EmbeddedNats, nats_client: Client, tmp_path: Path

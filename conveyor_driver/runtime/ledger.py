@@ -249,12 +249,18 @@ class RunLedger:
         record as written, whose revision :meth:`mark_reported` builds on.
         """
         delay = 0.05
+        # When each write of this decision was made: a write whose answer was lost (a
+        # leader died with it) may have landed, and the retry must know it as its own.
+        tried: set[tuple[str, float]] = set()
         while True:
             decided = record.moved(DECIDED, result, self.instance)
+            tried.add((decided.instance, decided.at))
             try:
                 return decided.at_revision(await self._write(sequence, decided, record.revision))
             except KeyWrongLastSequenceError:
                 record = await self.read(sequence, record.run_id)
+                if record.state == DECIDED and (record.instance, record.at) in tried:
+                    return record  # this decision, written before: not a rival's
                 if record.finished:
                     await self._change(
                         sequence, record.run_id, lambda r: attrs.evolve(r, fenced=r.fenced + 1)
