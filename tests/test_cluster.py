@@ -8,7 +8,8 @@ appended to a calls file) consume events published while, in turn, the leader of
 the ledger's own bucket is killed with SIGKILL and started again. At the end every run
 must have exactly one stored result, and its handler must have started once, unless the
 instance that started it was cut off past ``ack_wait`` and says, in its log, that it was
-fenced (issue 10's guarantee 2 allows that second start, never one after a decision).
+fenced (issue 10's guarantee 2 allows that second start, never one after a decision);
+and no instance may take its own decision for a rival's (it did: see ``_check``).
 
 ``CONVEYOR_CLUSTER_TEST_LEDGER=off`` in pytest's environment runs the same test with
 ``--no-ledger``: what the test sees without the ledger (it is expected to fail, though not
@@ -50,8 +51,8 @@ BURST = 75
 RUN_SECONDS = 0.2
 #: The whole test; the suite's own timeout (pyproject) is the backstop.
 TEST_TIMEOUT = 150.0
-#: What a driver logs when it lost a run to another instance and published nothing.
-FENCED_LOGS = ("fenced", "lease lost", "run fenced")
+#: What a driver logs, with the run id, when it lost a run and published nothing.
+FENCED_LOGS = ("fenced:", "lease lost:")
 
 
 @dataclasses.dataclass
@@ -85,6 +86,8 @@ async def test_leaders_killed_in_turn_neither_rerun_nor_report_twice(tmp_path: P
                 published = await _publish_while_killing(cluster, nc, calls, ledger)
                 await _wait_all_settled(nc, published)
                 stored = await _stored_results(nc)
+                for driver in (a, b):  # kept with the calls file, for a failure's post-mortem
+                    (tmp_path / f"driver-{driver.pid}.log").write_text(driver.output)
                 _check(published, stored, _starts(calls), [a, b], ledger)
         finally:
             await nc.close()
@@ -210,48 +213,83 @@ async def _stored_results(nc: Client) -> Stored:
     return stored
 
 
-def _starts(calls: Path) -> collections.Counter[str]:
-    """Handler starts per run id (the app appends ``<pid> <run id>`` at each)."""
-    lines = calls.read_text().splitlines() if calls.exists() else []
-    return collections.Counter(line.split()[1] for line in lines)
+@dataclasses.dataclass(frozen=True)
+class Start:
+    """One start of the handler, as the app notes it."""
+
+    pid: int
+    attempt: int
+    at: float
+
+
+def _starts(calls: Path) -> dict[str, list[Start]]:
+    """Handler starts per run id (the app appends ``<pid> <run id> <attempt> <time>``)."""
+    starts: dict[str, list[Start]] = collections.defaultdict(list)
+    for line in calls.read_text().splitlines() if calls.exists() else []:
+        pid, run_id, attempt, at = line.split()
+        starts[run_id].append(Start(int(pid), int(attempt), float(at)))
+    return starts
 
 
 def _check(
     published: Published,
     stored: Stored,
-    starts: collections.Counter[str],
+    runs: dict[str, list[Start]],
     drivers: list[DriverProcess],
     ledger: bool,
 ) -> None:
-    records = [record for driver in drivers for record in driver.records]
-    fenced = collections.Counter(
-        str(r.get("run_id", "?"))
-        for r in records
-        if str(r.get("event", "")).startswith(FENCED_LOGS)
-    )
-    replays = sum(str(r.get("event", "")).startswith("run already finished") for r in records)
-    unconfirmed = sum(str(r.get("event", "")).startswith("ack not confirmed") for r in records)
+    """One result per message, none lost; a handler started again only as a takeover.
+
+    A second start is a takeover when its delivery was a redelivery (attempt 2 or more:
+    it read the ledger and found the run undecided) and one instance, for each extra
+    start, says it lost the run ("fenced", "lease lost", naming the run). A second start
+    as attempt 1 skipped the ledger: nothing would have stopped it after a decision.
+    """
+    # Each fencing, by run: the decision's compare-and-set, or a renewal finding it lost.
+    fencings = [
+        (driver.pid, record)
+        for driver in drivers
+        for record in driver.records
+        if str(record.get("event", "")).startswith(FENCED_LOGS)
+    ]
+    fenced = collections.Counter(str(record.get("run_id", "?")) for _, record in fencings)
+    # The reason names who decided. An instance may lose a run to itself, but only when
+    # it held two deliveries of it; else it took its own decision for a rival's.
+    by_itself = [
+        record
+        for pid, record in fencings
+        if f":{pid} at " in str(record.get("reason", ""))
+        and sum(start.pid == pid for start in runs.get(str(record.get("run_id")), [])) < 2
+    ]
+    events = [str(record.get("event", "")) for driver in drivers for record in driver.records]
+    replays = sum(event.startswith("run already finished") for event in events)
+    unconfirmed = sum(event.startswith("ack not confirmed") for event in events)
     # A run id the test published twice (a retried publish stored twice) is two messages.
     messages = {run: max(len(stored.message_ids.get(run, ())), 1) for run in published.runs}
     lost = sorted(run for run in published.runs if stored.by_run[run] == 0)
     twice_stored = {run: n for run, n in stored.by_run.items() if n > messages.get(run, 1)}
     twice_by_id = {mid: n for mid, n in stored.by_message_id.items() if n > 1}
-    rerun = {run: n for run, n in starts.items() if n > messages.get(run, 1)}
-    unexplained = {run: n for run, n in rerun.items() if fenced[run] < n - messages[run]}
+    rerun = {run: each for run, each in runs.items() if len(each) > messages.get(run, 1)}
+    unexplained = {
+        run: each
+        for run, each in rerun.items()
+        if fenced[run] < len(each) - messages[run]
+        or sum(start.attempt == 1 for start in each) > messages[run]
+    }
     print(
         f"ledger {'on' if ledger else 'off'}: {len(published)} runs published "
         f"({sum(n > 1 for n in messages.values())} stored twice by the test's retries), "
-        f"{sum(stored.by_run.values())} results stored, {sum(starts.values())} handler starts; "
-        f"lost {len(lost)}, stored twice {len(twice_stored)}, started twice {len(rerun)} "
-        f"(unexplained {len(unexplained)}); fenced logs {sum(fenced.values())}, "
-        f"replays {replays}, unconfirmed acks {unconfirmed}"
+        f"{sum(stored.by_run.values())} results stored, "
+        f"{sum(len(each) for each in runs.values())} handler starts; lost {len(lost)}, "
+        f"stored twice {len(twice_stored)}, started again {len(rerun)} (takeovers "
+        f"{len(rerun) - len(unexplained)}, unexplained {len(unexplained)}); "
+        f"fencings {len(fencings)} (by itself {len(by_itself)}), replays {replays}, "
+        f"unconfirmed acks {unconfirmed}"
     )
     assert not lost, f"runs without a result: {lost}"
     assert not twice_by_id, f"results stored twice under one Nats-Msg-Id: {twice_by_id}"
     assert not twice_stored, f"runs with more results than messages: {twice_stored}"
     assert set(stored.by_run) <= set(published.runs), "results of runs nobody published"
-    assert all(starts[run] >= 1 for run in published.runs), "a stored run never started"
-    assert not unexplained, (
-        f"handlers started again without a fenced instance to explain it: {unexplained}; "
-        f"fenced logs by run: {dict(fenced)}"
-    )
+    assert all(runs.get(run) for run in published.runs), "a stored run never started"
+    assert not unexplained, f"handlers started again, not as a takeover: {unexplained}"
+    assert not by_itself, f"instances fenced by their own decision: {by_itself[:3]}"

@@ -1,5 +1,6 @@
 """A driver for the run-ledger tests: each handler start is appended to ``spec["calls"]``
-(a file), so a test counts real runs across processes; ``spec["sleep"]`` makes it slow.
+(a file; ``<pid> <run id> <attempt> <unix time>`` a line), so a test counts real runs
+across processes; ``spec["sleep"]`` makes it slow.
 
 ``CONVEYOR_TEST_ACK_WAIT`` (seconds, default 2) gives it a longer ``ack_wait``: the
 cluster test's elections take longer than 2 s.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,8 @@ driver = Driver(
 @driver.on("job")
 async def job(ctx: Context) -> dict[str, Any]:
     spec = ctx.resource.spec or {}
-    await asyncio.to_thread(_note_call, Path(spec["calls"]), f"{os.getpid()} {ctx.run_id}\n")
+    line = f"{os.getpid()} {ctx.run_id} {ctx.attempt} {time.time():.3f}\n"
+    await asyncio.to_thread(_note_call, Path(spec["calls"]), line)
     await asyncio.sleep(float(spec.get("sleep", 0)))
     ctx.log.info("handler finished", pid=os.getpid())
     return {"pid": os.getpid()}
