@@ -37,10 +37,9 @@ CLUSTER_NAME = "conveyor-test"
 class Node:
     """One ``nats-server`` of the cluster: its name, its two ports and its store."""
 
-    def __init__(self, name: str, root: Path) -> None:
+    def __init__(self, name: str, root: Path, ports: tuple[int, int]) -> None:
         self.name = name
-        self.port = free_port()
-        self.cluster_port = free_port()
+        self.port, self.cluster_port = ports
         self.store_dir = root / name
         self.log_file = root / f"{name}.log"
         self.config_file = root / f"{name}.conf"
@@ -104,7 +103,11 @@ class JetStreamCluster:
     def __init__(self, root: Path, size: int = 3) -> None:
         root.mkdir(parents=True, exist_ok=True)
         self.root = root
-        self.nodes = {f"n{i}": Node(f"n{i}", root) for i in range(1, size + 1)}
+        ports = _distinct_ports(2 * size)
+        self.nodes = {
+            f"n{i}": Node(f"n{i}", root, (ports[2 * i - 2], ports[2 * i - 1]))
+            for i in range(1, size + 1)
+        }
         for node in self.nodes.values():
             node.write_config(peer for peer in self.nodes.values() if peer is not node)
 
@@ -191,6 +194,16 @@ class JetStreamCluster:
         return await poll(
             lambda: leader_of(js.consumer_info(stream, consumer)), what=f"{consumer}'s leader"
         )
+
+
+def _distinct_ports(count: int) -> list[int]:
+    """Free ports, no two alike (a port freed by one probe may be handed to the next)."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    return ports
 
 
 def complete(cluster: ClusterInfo | None, size: int) -> bool:
