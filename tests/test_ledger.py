@@ -312,7 +312,7 @@ async def test_an_instance_paused_after_deciding_publishes_nothing_once_another_
                 await wait_until(lambda: a_went_on(message.run_id), what="A went on")
         finally:
             a.send(signal.SIGCONT)
-    assert _runs(calls) == [f"{a.pid} {message.run_id}"]
+    assert [line.split()[:2] for line in _runs(calls)] == [[str(a.pid), message.run_id]]
     assert await _stored_results(nats_client, message.run_id) == 1
     assert _logged(a.records, "another instance reported this run")
 
@@ -355,7 +355,9 @@ async def test_a_result_waiting_out_weather_is_not_fenced_by_its_own_decision(
         await js.add_stream(protocol.server_streams()[1])
         await wait_until(lambda: settled(nats_client, "patient"), what="acked")
         info = await consumer_info(nats_client, "patient")
+        summary = await _summary(nats_client, "patient")
     console = capsys.readouterr().err
+    assert summary == {"finished": 1, "running": 0, "fenced": 0, "skipped_as_duplicate": 0}
     assert calls == [run_id]
     assert await _stored_results(nats_client, run_id) == 1
     assert info.delivered is not None and info.delivered.consumer_seq == 1
@@ -448,8 +450,15 @@ async def test_a_decision_stored_but_unanswered_is_recognised_as_this_instances_
         run_id = await send(nats_client, resource_json())
         await wait_until(lambda: settled(nats_client, "unanswered"), what="acked")
         info = await consumer_info(nats_client, "unanswered")
+        summary = await _summary(nats_client, "unanswered")
     console = capsys.readouterr().err
+    assert summary == {"finished": 1, "running": 0, "fenced": 0, "skipped_as_duplicate": 0}
     assert lost and calls == [run_id]
     assert await _stored_results(nats_client, run_id) == 1
     assert info.delivered is not None and info.delivered.consumer_seq == 1
     assert "fenced" not in console
+
+
+async def _summary(nc: Client, driver: str) -> dict[str, int]:
+    bucket = await nc.jetstream().key_value(protocol.ledger_bucket(driver))
+    return await RunLedger(bucket, build_logger()).summary()

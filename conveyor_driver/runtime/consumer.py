@@ -429,7 +429,11 @@ class Consumer:
         except Fenced as fenced:
             if task not in self._admissions:
                 return  # sent before the handler returned; its decision is the fence now
-            self._log.warning("lease lost: another instance decided this run", reason=str(fenced))
+            self._log.warning(
+                "lease lost: another instance decided this run",
+                run_id=fenced.record.run_id,
+                reason=str(fenced),
+            )
             self._fenced.add(task)
             task.cancel()
             return

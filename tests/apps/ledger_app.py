@@ -1,5 +1,9 @@
 """A driver for the run-ledger tests: each handler start is appended to ``spec["calls"]``
-(a file), so a test counts real runs across processes; ``spec["sleep"]`` makes it slow.
+(a file; ``<pid> <run id> <attempt> <unix time>`` a line), so a test counts real runs
+across processes; ``spec["sleep"]`` makes it slow.
+
+``CONVEYOR_TEST_ACK_WAIT`` (seconds, default 2) gives it a longer ``ack_wait``: the
+cluster test's elections take longer than 2 s.
 
 With ``CONVEYOR_TEST_DIE_AFTER_PUBLISH=1`` in its environment, the process kills itself
 (SIGKILL) right after a result's PubAck and before the ack: the crash point that must
@@ -13,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +25,18 @@ from conveyor_driver import Context, Driver
 from conveyor_driver.runtime.ledger import RunLedger, RunRecord
 from conveyor_driver.runtime.settlement import Admission, Settlement
 
-driver = Driver("ledgered", ack_wait=2.0, grace_period=1.0)
+driver = Driver(
+    "ledgered",
+    ack_wait=float(os.environ.get("CONVEYOR_TEST_ACK_WAIT", "2")),
+    grace_period=1.0,
+)
 
 
 @driver.on("job")
 async def job(ctx: Context) -> dict[str, Any]:
     spec = ctx.resource.spec or {}
-    await asyncio.to_thread(_note_call, Path(spec["calls"]), f"{os.getpid()} {ctx.run_id}\n")
+    line = f"{os.getpid()} {ctx.run_id} {ctx.attempt} {time.time():.3f}\n"
+    await asyncio.to_thread(_note_call, Path(spec["calls"]), line)
     await asyncio.sleep(float(spec.get("sleep", 0)))
     ctx.log.info("handler finished", pid=os.getpid())
     return {"pid": os.getpid()}
