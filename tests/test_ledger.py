@@ -148,14 +148,7 @@ async def _lost_acks(nats_server: EmbeddedNats, nats_client: Client, dropped: in
     """Run one build behind a proxy that drops the driver's first ``dropped`` acks on the
     wire, with the result stream's de-duplication window at 1 s; wait until it is acked."""
     await _short_duplicate_window(nats_client)
-    driver = Driver("forgetful", ack_wait=2.0)
-    calls: list[str] = []
-
-    @driver.on("pipeline")
-    async def build(ctx: Context) -> str:
-        calls.append(ctx.run_id)
-        return "built"
-
+    driver, calls = _counted("forgetful")
     async with (
         fault_proxy(nats_server.url, drop_first_acks(dropped)) as proxy,
         running(driver, proxy.url),
@@ -339,14 +332,7 @@ async def test_a_result_waiting_out_weather_is_not_fenced_by_its_own_decision(
     own (no lease renewal may take it for another's), and the result is stored once the
     stream is back, without a redelivery."""
     js = nats_client.jetstream()
-    driver = Driver("patient", ack_wait=2.0)
-    calls: list[str] = []
-
-    @driver.on("pipeline")
-    async def build(ctx: Context) -> str:
-        calls.append(ctx.run_id)
-        return "built"
-
+    driver, calls = _counted("patient")
     async with running(driver, nats_server.url):
         await js.delete_stream(protocol.PIPELINE_STREAM)
         run_id = await send(nats_client, resource_json())
@@ -380,14 +366,8 @@ async def test_a_result_held_back_while_another_instance_reported_the_run_is_not
         return cut[0] and (subject == protocol.RESULT_SUBJECT or payload == b"+WPI")
 
     calls: list[str] = []
-    a, b = (Driver("twins", ack_wait=2.0, concurrency=1) for _ in range(2))
-    for driver in (a, b):
-
-        @driver.on("pipeline")
-        async def build(ctx: Context) -> str:
-            calls.append(ctx.run_id)
-            return "built"
-
+    a, _ = _counted("twins", calls)
+    b, _ = _counted("twins", calls)
     console: list[str] = []
 
     def said(text: str) -> bool:
@@ -438,14 +418,7 @@ async def test_a_decision_stored_but_unanswered_is_recognised_as_this_instances_
         return revision
 
     monkeypatch.setattr(Publisher, "store", answer_lost_once)
-    driver = Driver("unanswered", ack_wait=2.0)
-    calls: list[str] = []
-
-    @driver.on("pipeline")
-    async def build(ctx: Context) -> dict[str, Any]:
-        calls.append(ctx.run_id)
-        return {"built": "ü", "n": 1.5}
-
+    driver, calls = _counted("unanswered", result={"built": "ü", "n": 1.5})
     async with running(driver, nats_server.url):
         run_id = await send(nats_client, resource_json())
         await wait_until(lambda: settled(nats_client, "unanswered"), what="acked")
@@ -462,3 +435,20 @@ async def test_a_decision_stored_but_unanswered_is_recognised_as_this_instances_
 async def _summary(nc: Client, driver: str) -> dict[str, int]:
     bucket = await nc.jetstream().key_value(protocol.ledger_bucket(driver))
     return await RunLedger(bucket, build_logger()).summary()
+
+
+def _counted(
+    name: str, calls: list[str] | None = None, *, result: Any = "built", concurrency: int = 1
+) -> tuple[Driver, list[str]]:
+    """A driver (``ack_wait`` 2 s) whose pipeline handler appends each run id it starts to
+    ``calls`` (a new list unless given, so two instances can share one) and returns
+    ``result``."""
+    driver = Driver(name, ack_wait=2.0, concurrency=concurrency)
+    started = [] if calls is None else calls
+
+    @driver.on("pipeline")
+    async def build(ctx: Context) -> Any:
+        started.append(ctx.run_id)
+        return result
+
+    return driver, started
