@@ -3,7 +3,9 @@
 
 OpenTelemetry's global providers can be set once per process, so each measurement runs in
 a child process of its own (``--child on|off``), against one nats-server the parent keeps;
-rounds alternate which mode goes first. Target from issue 5: no more than 10% slower.
+rounds alternate which mode goes first. The driver owns its child as it owns a process
+under ``conveyor-driver run`` (the garbage collector set for serving). Target from issue 5:
+no more than 10% slower.
 
 Throughput is what the target is about, but on a shared machine it drifts with the
 neighbours' load; the client's CPU per message (its threads included, the nats-server's
