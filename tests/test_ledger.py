@@ -46,6 +46,29 @@ async def test_hand_backs_and_errors_are_kept_per_stream_sequence(nats_client: C
     assert (await ledger.read(8, "run-b")) == RunRecord("run-b")
 
 
+async def test_a_hand_back_whose_answer_was_lost_is_counted_once(
+    nats_client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The write is stored but its answer never comes (a leader died with it): the retry
+    finds the change made and does not make it again."""
+    ledger = await RunLedger.open(nats_client.jetstream(), "ledgered", build_logger())
+    write = RunLedger._write
+    lost: list[int] = []
+
+    async def answer_lost_once(self: RunLedger, sequence: int, record: RunRecord, rev: int) -> int:
+        revision = await write(self, sequence, record, rev)
+        if not lost:
+            lost.append(revision)
+            raise NatsTimeoutError
+        return revision
+
+    monkeypatch.setattr(RunLedger, "_write", answer_lost_once)
+    await ledger.count_handback(7, "run-a")
+    record = await ledger.read(7, "run-a")
+    assert lost and record.handbacks == 1
+    assert record.attempt(delivered=2) == 1
+
+
 async def test_a_record_of_another_run_at_a_reused_sequence_is_ignored(
     nats_client: Client,
 ) -> None:

@@ -403,18 +403,30 @@ class RunLedger:
     async def _change(
         self, sequence: int, run_id: str, change: Callable[[RunRecord], RunRecord]
     ) -> None:
-        """Compare-and-set, retried on conflicts and weather for a bounded time."""
+        """Compare-and-set, retried on conflicts and weather for a bounded time.
+
+        A write whose answer was lost may have landed: if the record read next is one of
+        those, the change is made, and is not made twice (a hand-back counted twice would
+        give the run one attempt more than ``max_attempts``).
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + _WRITE_PATIENCE
         delay = 0.05
+        unanswered: list[RunRecord] = []
         while True:
+            changed = None
             try:
                 record = await self._get(sequence, run_id)
-                await self._write(sequence, change(record), record.revision)
+                if record in unanswered:
+                    return
+                changed = change(record)
+                await self._write(sequence, changed, record.revision)
             except KeyWrongLastSequenceError as exc:
                 conflict: Exception = exc  # another instance wrote first: read again
             except (NatsError, TimeoutError) as exc:
                 conflict = exc
+                if changed is not None:
+                    unanswered.append(changed)
             else:
                 return
             if loop.time() > deadline:
