@@ -210,6 +210,30 @@ async def test_publish_until_stored_raises_a_permanent_refusal_at_once(
     assert weather == []
 
 
+async def test_a_confirmation_nobody_answers_but_the_server_is_missing(nats_client: Client) -> None:
+    """A JetStream ack sent while its consumer has no leader reaches nobody, and the server
+    says so at once (503 no responders): that is no confirmation."""
+    publisher = Publisher(nats_client)
+    missing: list[str] = []
+    await publisher.confirm(
+        "$JS.ACK.nobody.listens.1.1.1.0.0", p.ACK, 60.0, lambda: missing.append("no ack")
+    )
+    await wait_until(lambda: missing, what="the ack reported missing")
+    assert missing == ["no ack"]
+
+
+async def test_a_confirmation_answered_is_not_missing(nats_client: Client) -> None:
+    async def applied(msg: Msg) -> None:
+        await msg.respond(b"")
+
+    await nats_client.subscribe("acks.applied", cb=applied)
+    publisher = Publisher(nats_client)
+    missing: list[str] = []
+    await publisher.confirm("acks.applied", p.ACK, 0.5, lambda: missing.append("no ack"))
+    await asyncio.sleep(1.0)  # past ``within``: a missing answer would have been reported
+    assert missing == []
+
+
 def test_backoff_doubles_up_to_its_cap() -> None:
     delays = list(itertools.islice(Backoff(first=0.1, cap=0.5).delays(), 5))
     assert delays == [0.1, 0.2, 0.4, 0.5, 0.5]

@@ -334,7 +334,8 @@ class Publisher:
         self, subject: str, body: bytes, within: float, on_missing: Callable[[], object]
     ) -> None:
         """Send ``body`` asking for an answer, and call ``on_missing`` if none comes ``within``
-        seconds; nothing is awaited beyond the send.
+        seconds, or if the server answers that nobody took it (no responders); nothing is
+        awaited beyond the send.
 
         For a message whose arrival matters but must not hold its sender up: a JetStream
         ack sent this way is answered once the consumer has applied it (replicated, on a
@@ -396,7 +397,14 @@ class Publisher:
 
     def _answered(self, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
         waiter = self._waiting.pop(reply, None)
-        if waiter is None or isinstance(waiter, _Unconfirmed):
+        if waiter is None:
+            return
+        if isinstance(waiter, _Unconfirmed):
+            # An answer with a status came from the server, not from whoever should have
+            # applied the message (503: nobody listens, as while a consumer elects its
+            # leader): the message was not applied.
+            if headers and headers.get(protocol.STATUS_HEADER):
+                waiter.on_missing()
             return
         error = answer_error(data, headers)
         if isinstance(waiter, AckBatch):
