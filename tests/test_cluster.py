@@ -5,8 +5,12 @@ were lost with a consumer leader and 8-26 of 600 runs executed twice, some also 
 twice. Here two driver processes (``tests/apps/ledger_app.py``, each start of its handler
 appended to a calls file) consume events published while, in turn, the leader of the
 ``messages`` stream, of the driver's consumer, of the ``pipeline-engine`` stream and of
-the ledger's own bucket is killed with SIGKILL and started again. At the end every run
-must have exactly one stored result, and its handler must have started once, unless the
+the ledger's own bucket is killed with SIGKILL and started again. Results are consumed
+as the Conveyor server consumes them (the durable ``pipeline-engine``, explicit acks), so
+the work-queue stream forgets each one once read: a result published again after that
+is stored again unless the stream's de-duplication still knows its ``Nats-Msg-Id``, which
+a stream-leader restart can lose (nats-server #3272). At the end every run must have
+exactly one stored result, and its handler must have started once, unless the
 instance that started it was cut off past ``ack_wait`` and says, in its log, that it was
 fenced (issue 10's guarantee 2 allows that second start, never one after a decision);
 and no instance may take its own decision for a rival's (it did: see ``_check``).
@@ -42,6 +46,8 @@ pytestmark = [pytest.mark.nats, pytest.mark.process]
 
 LEDGERED = app("ledger_app.py:driver")
 DRIVER = "ledgered"
+#: The Conveyor server's consumer of the results.
+ENGINE = "pipeline-engine"
 #: Longer than the app's 2 s: an election takes seconds, and a run whose in-progress acks
 #: cannot reach a consumer leader for that long is (rightly) taken over.
 ACK_WAIT = 6.0
@@ -81,11 +87,18 @@ async def test_leaders_killed_in_turn_neither_rerun_nor_report_twice(tmp_path: P
             switch = "--ledger" if ledger else "--no-ledger"
             args = (LEDGERED, "--nats-url", urls, "--concurrency", "8", switch)
             env = clean_env(CONVEYOR_TEST_ACK_WAIT=str(ACK_WAIT))
-            async with driver_process(*args, env=env) as a, driver_process(*args, env=env) as b:
-                await asyncio.gather(a.started(), b.started())
-                published = await _publish_while_killing(cluster, nc, calls, ledger)
-                await _wait_all_settled(nc, published)
-                stored = await _stored_results(nc)
+            stored = Stored()
+            engine = asyncio.create_task(_consume_results(nc, stored))
+            try:
+                async with (
+                    driver_process(*args, env=env) as a,
+                    driver_process(*args, env=env) as b,
+                ):
+                    await asyncio.gather(a.started(), b.started())
+                    published = await _publish_while_killing(cluster, nc, calls, ledger)
+                    await _wait_all_settled(nc, published, stored, engine)
+            finally:
+                engine.cancel()
                 for driver in (a, b):  # kept with the calls file, for a failure's post-mortem
                     (tmp_path / f"driver-{driver.pid}.log").write_text(driver.output)
                 _check(published, stored, _starts(calls), [a, b], ledger)
@@ -173,44 +186,75 @@ async def _stored_at(js: JetStreamContext, body: bytes, headers: dict[str, str])
     return int(ack.seq)
 
 
-async def _wait_all_settled(nc: Client, published: Published) -> None:
-    """Every run has a result stored, and the consumer has nothing left to deliver or to
-    wait for: no redelivery can come after this."""
+async def _wait_all_settled(
+    nc: Client, published: Published, stored: Stored, engine: asyncio.Task[None]
+) -> None:
+    """Every run has a result, the driver's consumer has nothing left to deliver or to wait
+    for (no redelivery, and so no result published again, can come after this), and every
+    result stored has been read."""
     js = nc.jetstream(timeout=2.0)
 
-    async def results() -> bool:
-        info = await js.stream_info(protocol.PIPELINE_STREAM)
-        return bool(info.state.messages >= len(published))
-
-    async def settled() -> bool:
-        info = await js.consumer_info(protocol.MESSAGES_STREAM, DRIVER)
+    async def settled(stream: str, consumer: str) -> bool:
+        info = await js.consumer_info(stream, consumer)
         return bool(info.num_ack_pending == 0 and info.num_pending == 0)
 
-    await poll(lambda: answers(results()), what="a result for every run", timeout=60.0)
-    await poll(lambda: answers(settled()), what="every delivery acked", timeout=60.0)
+    async def results() -> bool:
+        if engine.done():
+            engine.result()  # the reader failed: say why, not "no result"
+        return all(stored.by_run[run] for run in published.runs)
+
+    await poll(results, what="a result for every run", timeout=60.0)
+    await poll(
+        lambda: answers(settled(protocol.MESSAGES_STREAM, DRIVER)),
+        what="every delivery acked",
+        timeout=60.0,
+    )
+    await poll(
+        lambda: answers(settled(protocol.PIPELINE_STREAM, ENGINE)),
+        what="every result read",
+        timeout=60.0,
+    )
 
 
 @dataclasses.dataclass
 class Stored:
-    """The ``pipeline-engine`` stream's results: per run id, and per ``Nats-Msg-Id``."""
+    """The results the engine read: per run id, and per ``Nats-Msg-Id``, each stored
+    message once (a redelivery to the engine, its ack lost with a leader, is the same
+    stream sequence)."""
 
-    by_run: collections.Counter[str]
-    by_message_id: collections.Counter[str]
-    message_ids: dict[str, set[str]]
+    sequences: set[int] = dataclasses.field(default_factory=set)
+    by_run: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    by_message_id: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    message_ids: dict[str, set[str]] = dataclasses.field(
+        default_factory=lambda: collections.defaultdict(set)
+    )
+
+    def add(self, sequence: int, run_id: str, message_id: str) -> None:
+        if sequence in self.sequences:
+            return
+        self.sequences.add(sequence)
+        self.by_run[run_id] += 1
+        self.by_message_id[message_id] += 1
+        self.message_ids[run_id].add(message_id)
 
 
-async def _stored_results(nc: Client) -> Stored:
-    js = nc.jetstream(timeout=5.0)
-    state = (await js.stream_info(protocol.PIPELINE_STREAM)).state
-    stored = Stored(collections.Counter(), collections.Counter(), collections.defaultdict(set))
-    for sequence in range(state.first_seq, state.last_seq + 1):
-        msg = await js.get_msg(protocol.PIPELINE_STREAM, sequence)
-        run_id = str(orjson.loads(msg.data or b"{}").get("run_id"))
-        message_id = (msg.headers or {}).get(protocol.MSG_ID_HEADER, "")
-        stored.by_run[run_id] += 1
-        stored.by_message_id[message_id] += 1
-        stored.message_ids[run_id].add(message_id)
-    return stored
+async def _consume_results(nc: Client, stored: Stored) -> None:
+    """Read ``pipeline-engine`` as the Conveyor server does, through every election."""
+    js = nc.jetstream(timeout=2.0)
+    sub = None
+    while True:
+        try:
+            if sub is None:
+                sub = await js.pull_subscribe(
+                    "pipelines.>", durable=ENGINE, stream=protocol.PIPELINE_STREAM
+                )
+            for msg in await sub.fetch(64, timeout=1.0):
+                run_id = str(orjson.loads(msg.data or b"{}").get("run_id"))
+                message_id = (msg.headers or {}).get(protocol.MSG_ID_HEADER, "")
+                stored.add(msg.metadata.sequence.stream, run_id, message_id)
+                await msg.ack()
+        except (NatsError, TimeoutError):
+            await asyncio.sleep(0.1)  # an election, a dead node: read on when it answers
 
 
 @dataclasses.dataclass(frozen=True)
