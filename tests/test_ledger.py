@@ -265,6 +265,42 @@ async def test_kill_9_after_the_result_is_stored_neither_loses_it_nor_runs_twice
 
 
 @pytest.mark.process
+async def test_a_replay_marks_the_run_reported_even_when_the_first_mark_is_lost(
+    nats_server: EmbeddedNats, nats_client: Client, tmp_path: Path
+) -> None:
+    """The replay of a decided run marks it reported, so that another redelivery (its ack
+    lost too) acks without publishing the result a third time: the mark is waited for,
+    and sent again when its first sending is lost on the wire."""
+    calls = tmp_path / "calls"
+    env = clean_env(CONVEYOR_TEST_DIE_AFTER_PUBLISH="1")
+    async with driver_process(LEDGERED, "--nats-url", nats_server.url, env=env) as doomed:
+        await doomed.started()
+        message = await emit_event(nats_client, Resource("a", "job", spec={"calls": str(calls)}))
+        assert await doomed.wait() == -signal.SIGKILL
+    marks: list[bytes] = []
+
+    def first_mark(subject: str, payload: bytes) -> bool:
+        if subject.startswith("$KV.") and b'"state":"reported"' in payload and not marks:
+            marks.append(payload)
+            return True
+        return False
+
+    async with (
+        fault_proxy(nats_server.url, first_mark) as proxy,
+        driver_process(LEDGERED, "--nats-url", proxy.url) as survivor,
+    ):
+        await survivor.started()
+        await wait_until(lambda: settled(nats_client, "ledgered"), what="acked")
+        info = await consumer_info(nats_client, "ledgered")
+    assert marks and _logged(survivor.records, "run already finished")
+    assert info.ack_floor is not None
+    bucket = await nats_client.jetstream().key_value(protocol.ledger_bucket("ledgered"))
+    record = await RunLedger(bucket, build_logger()).read(info.ack_floor.stream_seq, message.run_id)
+    assert record.state == "reported"
+    assert await _stored_results(nats_client, message.run_id) == 1
+
+
+@pytest.mark.process
 async def test_an_instance_paused_past_ack_wait_is_fenced_and_one_result_is_stored(
     nats_server: EmbeddedNats, nats_client: Client, tmp_path: Path
 ) -> None:

@@ -28,7 +28,6 @@ described in ``docs/protocol.md#the-run-ledger``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from typing import TYPE_CHECKING
 
@@ -300,26 +299,11 @@ class RunLedger:
     async def mark_reported(self, record: RunRecord, sequence: int) -> None:
         """The server has the result: a later redelivery is acked without re-publishing.
 
-        For a replayed run, sent beside its ack and not waited for (no reply is asked):
-        lost, or refused because the record moved on, it leaves the run ``decided``, whose
-        redelivery re-publishes the result under the same ``Nats-Msg-Id``: safe, only
-        slower. A run whose ack goes unconfirmed uses :meth:`ensure_reported`.
-        """
-        reported = record.moved(REPORTED, b"", record.instance)
-        if self.publisher is None or not self._bucket:
-            with contextlib.suppress(NatsError, TimeoutError):
-                await self._write(sequence, reported, record.revision)
-            return
-        headers = {protocol.EXPECTED_LAST_SUBJECT_SEQUENCE_HEADER: str(record.revision)}
-        subject = protocol.ledger_subject(self._bucket, str(sequence))
-        with contextlib.suppress(NatsError):
-            await self.publisher.nc.publish(subject, reported.encode(), headers=headers)
-
-    async def ensure_reported(self, record: RunRecord, sequence: int) -> None:
-        """:meth:`mark_reported`, waited for and retried through weather for a while: the
-        run's ack went unconfirmed, so a redelivery may follow and must find the mark.
-
-        A record that moved on meanwhile (another instance replayed it) is left alone.
+        Written when a run's ack went unconfirmed and after a replay, the two cases where
+        a redelivery may follow, so the write is waited for and retried through weather
+        for a while: a run left ``decided`` would have its result published once more,
+        stored only once if the result stream's de-duplication still knows it. A record
+        that moved on meanwhile (another instance replayed it) is left alone.
         """
         reported = record.moved(REPORTED, b"", record.instance)
         loop = asyncio.get_running_loop()

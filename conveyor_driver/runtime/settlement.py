@@ -265,7 +265,7 @@ class Settlement:
         self._log.warning(
             "ack not confirmed; marking the run reported and acking again", run_id=record.run_id
         )
-        await self._ledger.ensure_reported(record, sequence)
+        await self._ledger.mark_reported(record, sequence)
         await quietly(self._publisher.nc.publish(msg.reply, protocol.ACK))
 
     def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
