@@ -21,7 +21,7 @@ from conveyor_driver import Context, Driver, protocol
 from conveyor_driver.embedded import EmbeddedNats
 from conveyor_driver.emit import emit_event
 from conveyor_driver.logs.chain import build_logger
-from conveyor_driver.models import Resource
+from conveyor_driver.models import DriverMessage, Resource
 from conveyor_driver.runtime.ledger import Fenced, RunLedger, RunRecord
 from conveyor_driver.runtime.publisher import Publisher
 from conveyor_driver.testing import running
@@ -249,11 +249,7 @@ async def test_kill_9_after_the_result_is_stored_neither_loses_it_nor_runs_twice
     says "reported": the redelivery re-publishes the recorded result under the same
     Nats-Msg-Id (JetStream keeps one), and the handler does not run again."""
     calls = tmp_path / "calls"
-    env = clean_env(CONVEYOR_TEST_DIE_AFTER_PUBLISH="1")
-    async with driver_process(LEDGERED, "--nats-url", nats_server.url, env=env) as doomed:
-        await doomed.started()
-        message = await emit_event(nats_client, Resource("a", "job", spec={"calls": str(calls)}))
-        assert await doomed.wait() == -signal.SIGKILL
+    message = await _decided_then_killed(nats_server, nats_client, calls)
     async with driver_process(LEDGERED, "--nats-url", nats_server.url) as survivor:
         await survivor.started()
         await wait_until(lambda: settled(nats_client, "ledgered"), what="acked")
@@ -272,11 +268,7 @@ async def test_a_replay_marks_the_run_reported_even_when_the_first_mark_is_lost(
     lost too) acks without publishing the result a third time: the mark is waited for,
     and sent again when its first sending is lost on the wire."""
     calls = tmp_path / "calls"
-    env = clean_env(CONVEYOR_TEST_DIE_AFTER_PUBLISH="1")
-    async with driver_process(LEDGERED, "--nats-url", nats_server.url, env=env) as doomed:
-        await doomed.started()
-        message = await emit_event(nats_client, Resource("a", "job", spec={"calls": str(calls)}))
-        assert await doomed.wait() == -signal.SIGKILL
+    message = await _decided_then_killed(nats_server, nats_client, calls)
     marks: list[bytes] = []
 
     def first_mark(subject: str, payload: bytes) -> bool:
@@ -373,6 +365,18 @@ def _stopped(pid: int) -> bool:
     """Whether process ``pid`` is stopped (state ``T`` in /proc)."""
     stat = Path(f"/proc/{pid}/stat").read_text()
     return stat.rsplit(")", 1)[1].split()[0] == "T"
+
+
+async def _decided_then_killed(
+    nats_server: EmbeddedNats, nats_client: Client, calls: Path
+) -> DriverMessage:
+    """One run whose driver stores the result, then dies (SIGKILL) before acking it."""
+    env = clean_env(CONVEYOR_TEST_DIE_AFTER_PUBLISH="1")
+    async with driver_process(LEDGERED, "--nats-url", nats_server.url, env=env) as doomed:
+        await doomed.started()
+        message = await emit_event(nats_client, Resource("a", "job", spec={"calls": str(calls)}))
+        assert await doomed.wait() == -signal.SIGKILL
+    return message
 
 
 def _logged(records: list[dict[str, Any]], start: str) -> bool:
