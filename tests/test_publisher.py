@@ -170,6 +170,8 @@ async def test_publish_until_stored_hands_nothing_to_a_client_that_is_reconnecti
     await wait_until(lambda: nats_client.is_reconnecting, what="the client reconnecting")
     with pytest.raises(ConnectionReconnectingError):
         await publisher.store(p.RESULT_SUBJECT, b"{}", HEADERS)
+    with pytest.raises(ConnectionReconnectingError):  # a log line of a batch, the same
+        await publisher.batch().send(p.log_subject("run-1"), b"{}")
     weather: list[Exception] = []
     wanted = [True]
 

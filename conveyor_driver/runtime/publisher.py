@@ -12,6 +12,13 @@ Every answer is read one way (:func:`answer_error`), and every failure is classe
 larger than ``max_payload`` headers included, a subject or header the client will not send)
 against weather (no responders while a stream elects a leader, a 5xx, no answer in time, a
 connection away), which callers retry with a capped :class:`Backoff`.
+
+No acked publish is handed to a client that is disconnected (``ConnectionReconnectingError``,
+weather): nats-py would keep it and send it after the reconnect, however late, while its
+caller, the answer timed out, has tried again or moved on. A late copy of a result could
+be stored after the stream's de-duplication window, a late ledger write land on top of
+its retry, a late log line be stored twice. A confirmation (:meth:`Publisher.confirm`) is
+still handed over: a JetStream ack that arrives late still saves a redelivery.
 """
 
 from __future__ import annotations
@@ -245,16 +252,8 @@ class Publisher:
         return int(orjson.loads(answer)["seq"])
 
     async def _request(self, subject: str, body: bytes, headers: dict[str, str] | None) -> bytes:
-        """The PubAck's body; its error raised.
-
-        Nothing is handed to a client that is disconnected (``ConnectionReconnectingError``,
-        weather): nats-py would keep the message and send it after the reconnect, however
-        late, while the caller, its answer timed out, has tried again or moved on. A late
-        copy of a result could be stored after the stream's de-duplication window, and a
-        late ledger write could land on top of the caller's retry.
-        """
-        if not self.nc.is_connected:
-            raise ConnectionReconnectingError
+        """The PubAck's body; its error raised."""
+        self._check_connected()
         answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         reply = await self._reply()
         await self._send(subject, body, headers, reply, answer, self.timeout)
@@ -300,6 +299,12 @@ class Publisher:
     def batch(self) -> AckBatch:
         """Publishes to send back to back and await together (see :class:`AckBatch`)."""
         return AckBatch(self)
+
+    def _check_connected(self) -> None:
+        """Raise ``ConnectionReconnectingError`` rather than hand an acked publish to a
+        disconnected client (see the module)."""
+        if not self.nc.is_connected:
+            raise ConnectionReconnectingError
 
     async def _reply(self) -> str:
         """A reply subject of its own for the next publish (subscribing first if need be)."""
@@ -446,6 +451,7 @@ class AckBatch:
         (the connection) concerns the entries after it too.
         """
         publisher = self._publisher
+        publisher._check_connected()
         reply = await publisher._reply()
         # Mapped before the send: the answer may be read while the send still waits.
         self._pending[reply] = len(self._answers)
