@@ -418,6 +418,9 @@ async def test_concurrency_limits_running_and_held_messages(
     async with raw_results(nats_client) as results, running(driver, nats_server.url):
         run_ids = [await send(nats_client, resource_json(f"app-{i}")) for i in range(10)]
         await wait_until(lambda: running_now == 4, what="four handlers running")
+        # The server's consumer counts a stored message a moment after its PubAck: sample
+        # once it has counted all ten.
+        await wait_until(lambda: _accounted(nats_client, "parallel", 10), what="ten counted")
         held: list[tuple[int | None, int | None]] = []
         # Sample while blocked: pulling only for free slots, the instance holds 4, not 10.
         for _ in range(10):
@@ -677,3 +680,10 @@ async def test_result_publish_is_acknowledged_by_the_stream_or_refused(
             await consumer._publisher.publish("nowhere.at.all", b"{}", {})
     finally:
         await consumer.stop(0)
+
+
+async def _accounted(nc: Client, consumer: str, messages: int) -> bool:
+    """Whether the consumer's delivered-but-unacked and still-pending counts add up to
+    ``messages``."""
+    info = await consumer_info(nc, consumer)
+    return (info.num_ack_pending or 0) + (info.num_pending or 0) == messages
